@@ -1,0 +1,30 @@
+# Quick start: `make demo` (the main job) and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean lint
+
+venv: $(STAMP)
+
+# If the base interpreter already has torch (GPU images), reuse it; else pin the CPU build.
+$(STAMP): setup.py requirements.txt requirements-dev.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  $(VENV)/bin/pip install -q $$(grep -v '^torch==' requirements.txt | grep -v '^#') -r requirements-dev.txt; \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt; \
+	fi
+	$(VENV)/bin/pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m megatron_eagle.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs/demo

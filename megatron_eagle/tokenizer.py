@@ -1,0 +1,106 @@
+"""Tokenizer loading, Eagle special tokens, chat template, and a small local tokenizer.
+
+Any HF tokenizer directory works. ``<img>``, ``</img>`` and ``<IMG_CONTEXT>`` are added
+when missing; a tokenizer without a chat template gets Qwen2's ChatML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+EAGLE_SPECIAL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
+
+# Qwen2 ChatML, with a default system prompt only when the conversation has none.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def load_tokenizer(path: str | Path):
+    """Load an HF tokenizer dir, adding Eagle special tokens and ChatML if missing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    missing = [t for t in EAGLE_SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = ENDOFTEXT if ENDOFTEXT in tok.get_vocab() else tok.eos_token
+    return tok
+
+
+def special_token_ids(tok) -> dict[str, int]:
+    """ids of the image tokens and the end-of-turn token."""
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in
+           (("img_start", IMG_START), ("img_end", IMG_END), ("img_context", IMG_CONTEXT))}
+    ids["eos"] = tok.convert_tokens_to_ids(IM_END) if IM_END in tok.get_vocab() else tok.eos_token_id
+    return ids
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Stable hash of the vocabulary, special tokens and chat template."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tok.get_vocab().items()), separators=(",", ":")).encode())
+    h.update((tok.chat_template or "").encode())
+    return h.hexdigest()[:16]
+
+
+_TINY_WORDS = (
+    "red green blue yellow purple orange black white gray pink brown cyan "
+    "circle square triangle star cross ring dot line stripe "
+    "zero one two three four five six seven eight nine ten "
+    "what is the color shape of this image video picture frame how many are there in "
+    "a an yes no answer question describe left right top bottom center big small "
+    "I see it shows you assistant user system helpful The there's count colour "
+    "first second last moving object background seconds fps at Frame "
+)
+
+
+def _tiny_corpus() -> Iterable[str]:
+    words = _TINY_WORDS.split()
+    for i, w in enumerate(words):
+        yield f"{w} {words[(i * 7) % len(words)]} {words[(i * 13) % len(words)]}."
+        yield f"What is the {w}? It is {words[(i * 3) % len(words)]}. {i} {i * 17 % 100}"
+    yield "0 1 2 3 4 5 6 7 8 9 , . ? ! : ; ' \" ( ) - _ / \n"
+
+
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 480) -> Path:
+    """Train a small byte-level BPE tokenizer locally (no hub) and save it as an HF dir.
+
+    Deterministic: the same call writes the same files. The tokenizer has ChatML
+    special tokens and the Eagle image tokens, so it behaves like Qwen2's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = [ENDOFTEXT, IM_START, IM_END, *EAGLE_SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(list(_tiny_corpus()), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                   additional_special_tokens=[IM_START, *EAGLE_SPECIAL_TOKENS])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out))
+    return out
