@@ -76,6 +76,8 @@ class ModelConfig:
     attention_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     init_std: float = 0.02
+    # id of <IMG_CONTEXT>; set from the tokenizer / HF config when a model is loaded.
+    image_token_id: int = 5
 
     @property
     def tokens_per_tile(self) -> int:

@@ -1,0 +1,109 @@
+"""Core attention for packed (THD) and batched (SBHD) inputs, plugged in via ModuleSpec.
+
+Replaces megatron-core's local ``DotProductAttention``, which cannot take packed sequences
+and materialises a full [s, s] score matrix. Attention is causal within each sub-sample
+and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
+- GPU, THD: torch's varlen flash attention (``torch.nn.attention.varlen``) when present;
+- GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
+  (memory O(max_len²) per segment at worst, never O(total²)).
+Context parallelism wraps this module's kernels; the CP group arrives via ``pg_collection``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+try:  # torch >= 2.9 (signature differs across versions: feature-detect at call time)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except Exception:  # pragma: no cover
+    _varlen_attn = None
+
+
+def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 causal: bool, scale: float) -> torch.Tensor:
+    """Exact packed attention: SDPA on each [start, end) segment. q/k/v are [t, h, d]."""
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 max_seqlen: int, causal: bool, scale: float) -> Optional[torch.Tensor]:
+    """torch's varlen flash kernel (GPU only); None when unavailable for these inputs."""
+    if _varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    cu = cu_seqlens.to(torch.int32)
+    if q.shape[1] != k.shape[1]:  # not every torch version takes enable_gqa: expand kv heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    try:
+        return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
+                            window_size=(-1, 0) if causal else (-1, -1))
+    except TypeError:  # torch 2.11: is_causal keyword instead of window_size
+        return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, is_causal=causal, scale=scale)
+
+
+class PackedCoreAttention(MegatronModule):
+    """Core attention with the constructor/forward contract of megatron's DotProductAttention."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        backend: str = "auto",
+    ):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.pg_collection = pg_collection
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.backend = backend
+        assert (attention_dropout or config.attention_dropout or 0.0) == 0.0, "attention dropout unsupported"
+
+    @property
+    def causal(self) -> bool:
+        return self.attn_mask_type == AttnMaskType.causal or self.attn_mask_type == AttnMaskType.padding_causal
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: Optional[PackedSeqParams] = None):
+        causal = self.causal if attn_mask_type is None else attn_mask_type in (
+            AttnMaskType.causal, AttnMaskType.padding_causal)
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            cu = packed_seq_params.cu_seqlens_q_padded
+            if cu is None:
+                cu = packed_seq_params.cu_seqlens_q
+            out = None
+            if self.backend in ("auto", "flash"):
+                out = varlen_flash(query, key, value, cu, int(packed_seq_params.max_seqlen_q), causal,
+                                   self.softmax_scale)
+            if out is None:
+                out = segment_sdpa(query, key, value, cu, causal, self.softmax_scale)
+            return out.reshape(out.shape[0], -1)
+        # SBHD: [s, b, h, d] -> SDPA on [b, h, s, d]
+        s, b = query.shape[:2]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask if not causal else None,
+                                           is_causal=causal, scale=self.softmax_scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return o.permute(2, 0, 1, 3).reshape(s, b, -1)

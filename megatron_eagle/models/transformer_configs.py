@@ -1,0 +1,78 @@
+"""megatron-core TransformerConfigs for the ViT and the LLM from our ModelConfig."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megatron_eagle.config import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _common(parallel: ParallelConfig, model: ModelConfig) -> dict:
+    dtype = _DTYPES[model.params_dtype]
+    return dict(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        init_method_std=model.init_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        attention_softmax_in_fp32=True,
+        deallocate_pipeline_outputs=False,
+    )
+
+
+def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """SigLIP: LayerNorm with bias, GELU(tanh) MLP with biases, MHA with qkv/out biases."""
+    kw = _common(parallel, model)
+    kw.update(pipeline_model_parallel_size=1, context_parallel_size=1)  # ViT lives on PP stage 0
+    return TransformerConfig(
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        kv_channels=v.hidden_size // v.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layernorm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=functools.partial(F.gelu, approximate="tanh"),
+        **kw,
+    )
+
+
+def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """Qwen2.5: RMSNorm, SwiGLU without biases, GQA with qkv bias."""
+    return TransformerConfig(
+        num_layers=l.num_layers,
+        hidden_size=l.hidden_size,
+        num_attention_heads=l.num_heads,
+        num_query_groups=l.num_kv_heads,
+        ffn_hidden_size=l.ffn_hidden_size,
+        kv_channels=l.hidden_size // l.num_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=l.rms_eps,
+        add_bias_linear=False,
+        add_qkv_bias=l.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        **_common(parallel, model),
+    )

@@ -1,0 +1,49 @@
+"""SigLIP vision tower on megatron-core: patch embedding, learned positions, TransformerBlock."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_eagle.config import VisionConfig
+from megatron_eagle.models.specs import vit_layer_spec
+
+
+class SiglipVisionModel(MegatronModule):
+    """Tiles [n, 3, S, S] -> patch features [n, (S/p)^2, C] after the post-layernorm.
+
+    Patch and position embeddings are small and replicated across TP ranks; the
+    transformer layers are tensor-parallel (and sequence-parallel when enabled).
+    """
+
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, backend: str = "auto"):
+        super().__init__(config=config)
+        self.vision = vision
+        c = vision.hidden_size
+        self.patch_embedding = torch.nn.Conv2d(3, c, kernel_size=vision.patch_size, stride=vision.patch_size,
+                                               dtype=config.params_dtype)
+        self.num_patches = vision.patches_per_side ** 2
+        self.position_embedding = torch.nn.Embedding(self.num_patches, c, dtype=config.params_dtype)
+        self.encoder = TransformerBlock(config=config, spec=vit_layer_spec(backend), pre_process=True,
+                                        post_process=True)  # post_process adds SigLIP's post-layernorm
+        std = config.init_method_std
+        for p in (self.patch_embedding.weight, self.position_embedding.weight):
+            torch.nn.init.normal_(p, std=std)
+        torch.nn.init.zeros_(self.patch_embedding.bias)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, C, g, g]
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # [n, g*g, C], row-major patches
+        x = x.transpose(0, 1).contiguous()  # [s, b, C] for megatron
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        x = self.encoder(hidden_states=x, attention_mask=None)
+        if self.config.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return x.transpose(0, 1)  # [n, g*g, C]
