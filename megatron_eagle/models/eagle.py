@@ -10,6 +10,7 @@ loss on the last; ``set_input_tensor`` feeds the middle stages.
 from __future__ import annotations
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import (
@@ -23,7 +24,7 @@ from megatron_eagle.config import FreezeConfig, ModelConfig, ParallelConfig
 from megatron_eagle.models.batch import PackedBatch
 from megatron_eagle.models.connector import MLPConnector, pixel_shuffle
 from megatron_eagle.models.loss import chunked_weighted_ce, full_logits
-from megatron_eagle.models.specs import llm_layer_spec
+from megatron_eagle.models.specs import llm_block_spec
 from megatron_eagle.models.transformer_configs import llm_transformer_config, vision_transformer_config
 from megatron_eagle.models.vision import SiglipVisionModel
 
@@ -42,6 +43,7 @@ class EagleModel(MegatronModule):
         llm_cfg = llm_transformer_config(model.llm, model, parallel)
         super().__init__(config=llm_cfg)
         self.model_cfg = model
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process, self.post_process = pre_process, post_process
         self.chunk_tokens = chunk_tokens
         backend = model.attention_backend
@@ -51,7 +53,7 @@ class EagleModel(MegatronModule):
             shuffled = int(model.vision.hidden_size / model.downsample_ratio ** 2)
             self.connector = MLPConnector(llm_cfg, shuffled, model.llm.hidden_size)
         self.language_model = GPTModel(
-            config=llm_cfg, transformer_layer_spec=llm_layer_spec(backend), vocab_size=model.llm.vocab_size,
+            config=llm_cfg, transformer_layer_spec=llm_block_spec(llm_cfg, backend), vocab_size=model.llm.vocab_size,
             max_sequence_length=model.llm.max_position_embeddings, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=model.llm.tie_embeddings,
             position_embedding_type="rope", rotary_base=model.llm.rope_theta,

@@ -9,17 +9,19 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_eagle.models.attention import PackedCoreAttention
+from megatron_eagle.models.norm import Norm
 
 
 def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=Norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
@@ -32,7 +34,7 @@ def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
@@ -40,11 +42,15 @@ def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
     )
 
 
-def vit_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """SigLIP layer: LayerNorm, bidirectional attention, GELU-tanh MLP (biases from config)."""
-    return _layer_spec(AttnMaskType.no_mask, backend)
+def _block(layer: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)
 
 
-def llm_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """Qwen2 layer: RMSNorm, causal packed attention, SwiGLU (from config)."""
-    return _layer_spec(AttnMaskType.causal, backend)
+def vit_block_spec(config: TransformerConfig, backend: str = "auto") -> TransformerBlockSubmodules:
+    """SigLIP layers: LayerNorm, bidirectional attention, GELU-tanh MLP (biases from config)."""
+    return _block(_layer_spec(AttnMaskType.no_mask, backend), config.num_layers)
+
+
+def llm_block_spec(config: TransformerConfig, backend: str = "auto") -> TransformerBlockSubmodules:
+    """This pipeline stage's Qwen2 layers: RMSNorm, causal packed attention, SwiGLU."""
+    return _block(_layer_spec(AttnMaskType.causal, backend), get_num_layers_to_build(config))

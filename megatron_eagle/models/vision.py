@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_eagle.config import VisionConfig
-from megatron_eagle.models.specs import vit_layer_spec
+from megatron_eagle.models.specs import vit_block_spec
 
 
 class SiglipVisionModel(MegatronModule):
@@ -30,7 +30,7 @@ class SiglipVisionModel(MegatronModule):
                                                dtype=config.params_dtype)
         self.num_patches = vision.patches_per_side ** 2
         self.position_embedding = torch.nn.Embedding(self.num_patches, c, dtype=config.params_dtype)
-        self.encoder = TransformerBlock(config=config, spec=vit_layer_spec(backend), pre_process=True,
+        self.encoder = TransformerBlock(config=config, spec=vit_block_spec(config, backend), pre_process=True,
                                         post_process=True)  # post_process adds SigLIP's post-layernorm
         std = config.init_method_std
         for p in (self.patch_embedding.weight, self.position_embedding.weight):

@@ -103,6 +103,8 @@ def install() -> bool:
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
     cuda.manual_seed = lambda seed: None
     cuda.manual_seed_all = lambda seed: None
     cuda.memory_allocated = lambda *a, **k: 0
@@ -122,6 +124,7 @@ def install() -> bool:
             torch.set_rng_state(new_state)
 
         mrandom._set_cuda_rng_state = _set_cuda_rng_state
+        mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     except Exception:  # pragma: no cover - megatron not importable yet
         pass
     _MODE = _CudaToCpuMode()
