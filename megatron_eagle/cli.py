@@ -14,6 +14,10 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "megatron_eagle.convert.cli",
     "generate": "megatron_eagle.inference.cli",
     "demo": "megatron_eagle.demo",
+    "prepare": "megatron_eagle.data.prepare",
+    "inspect": "megatron_eagle.data.inspect_shards",
+    "verify": "megatron_eagle.data.verify",
+    "reshard": "megatron_eagle.data.reshard",
 }
 
 

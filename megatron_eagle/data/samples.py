@@ -1,0 +1,298 @@
+"""Eagle-style JSONL samples: parse, validate, resolve and probe media, count tokens.
+
+One input line becomes either an accepted sample (the JSON written into the shard, with its
+index metadata) or a reject with a reason from REJECT_REASONS. Every check runs on untrusted
+input and never raises for bad data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from megatron_eagle.data.media import MediaError, MediaLimits, image_ext, probe_image
+from megatron_eagle.data.prompt import (contains_special_token, count_text_tokens, placeholder_targets,
+                                        special_token_strings)
+from megatron_eagle.data.video import probe_video, video_ext
+
+REJECT_REASONS = (
+    "malformed JSON", "missing field", "wrong type", "invalid value", "placeholder count mismatch",
+    "special token in text", "no supervised tokens", "path escapes media root", "missing media file",
+    "media file too large", "undecodable image", "image too large", "zero-length video",
+    "truncated video", "undecodable video", "video too long", "video resolution too large",
+    "media changed during prepare", "unexpected error",
+)
+TURN_ROLES = ("human", "gpt", "system")
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class SampleError(Exception):
+    """Why one input line is rejected; ``reason`` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class SampleContext:
+    """What parsing needs besides the line: media root (resolved), tokenizer, limits."""
+
+    media_root: str
+    tokenizer: Any
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    specials: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.media_root = os.path.realpath(self.media_root)
+        if not self.specials and self.tokenizer is not None:
+            self.specials = special_token_strings(self.tokenizer)
+
+
+@dataclass
+class Accepted:
+    key: str
+    sample: dict[str, Any]  # the JSON member; media entries carry metadata and member names
+
+    @property
+    def member_sizes(self) -> list[int]:
+        return [len(sample_json_bytes(self.sample))] + [m["bytes"] for m in self.sample["media"]]
+
+
+@dataclass
+class Rejected:
+    reason: str
+    detail: str
+    id: Optional[str] = None
+
+
+def sample_json_bytes(sample: dict[str, Any]) -> bytes:
+    """Canonical JSON encoding (sorted keys, no spaces) so shards are byte-identical across runs."""
+    return json.dumps(sample, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def make_key(source: str, source_index: int, line: int) -> str:
+    """Tar-safe sample key: sanitised file stem (no dots or slashes), input number and line."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    stem = _KEY_SAFE.sub("_", stem).strip("_")[:40] or "input"
+    return f"{stem}-{source_index:03d}-{line:09d}"
+
+
+# ----------------------------------------------------------------------------- media paths
+
+def resolve_media_path(media_root: str, rel: str) -> str:
+    """Real path of ``rel`` under ``media_root`` (already realpath'd); refuses anything that escapes it."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise SampleError("invalid value", "empty media path")
+    if "\x00" in rel or os.path.isabs(rel) or rel.startswith(("\\", "~")) or re.match(r"^[A-Za-z]:", rel) \
+            or "://" in rel:
+        raise SampleError("path escapes media root", rel[:200])
+    real = os.path.realpath(os.path.join(media_root, rel))
+    if os.path.commonpath([media_root, real]) != media_root or real == media_root:
+        raise SampleError("path escapes media root", rel[:200])
+    if not os.path.isfile(real):
+        raise SampleError("missing media file", rel[:200])
+    return real
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+# ----------------------------------------------------------------------------- field parsing
+
+def _as_list(v: Any, name: str) -> list[Any]:
+    if isinstance(v, list):
+        return v
+    if isinstance(v, (str, dict)):
+        return [v]
+    raise SampleError("wrong type", f"`{name}` must be a string or a list")
+
+
+def _number(v: Any, name: str) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise SampleError("invalid value", f"`{name}` must be a non-negative number")
+    return float(v)
+
+
+def _video_item(v: Any, name: str, start: Any = None, end: Any = None) -> dict[str, Any]:
+    if isinstance(v, dict):
+        path, start, end = v.get("path"), v.get("start", start), v.get("end", end)
+        if path is None:
+            raise SampleError("missing field", f"`{name}.path`")
+    else:
+        path = v
+    if not isinstance(path, str):
+        raise SampleError("wrong type", f"`{name}` path must be a string")
+    s, e = _number(start, f"{name}.start"), _number(end, f"{name}.end")
+    if s is not None and e is not None and e <= s:
+        raise SampleError("invalid value", f"`{name}` end {e} <= start {s}")
+    return {"type": "video", "path": path, "start": s, "end": e}
+
+
+def _image_item(v: Any, name: str) -> dict[str, Any]:
+    path = v.get("path") if isinstance(v, dict) else v
+    if not isinstance(path, str):
+        raise SampleError("wrong type", f"`{name}` must be a path string")
+    return {"type": "image", "path": path}
+
+
+def parse_media_fields(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Media in sample order from ``image``/``video`` keys or the ``data`` list form."""
+    has_data = "data" in obj and obj["data"] is not None
+    if has_data and (obj.get("image") is not None or obj.get("video") is not None):
+        raise SampleError("invalid value", "both `data` and `image`/`video` given")
+    media: list[dict[str, Any]] = []
+    if has_data:
+        if not isinstance(obj["data"], list):
+            raise SampleError("wrong type", "`data` must be a list")
+        for i, item in enumerate(obj["data"]):
+            if not isinstance(item, dict) or item.get("type") not in ("image", "video"):
+                raise SampleError("wrong type", f"`data[{i}]` must be {{type: image|video, ...}}")
+            lst = f"{item['type']}_list"
+            if lst not in item:
+                raise SampleError("missing field", f"`data[{i}].{lst}`")
+            for j, v in enumerate(_as_list(item[lst], f"data[{i}].{lst}")):
+                name = f"data[{i}].{lst}[{j}]"
+                media.append(_image_item(v, name) if item["type"] == "image" else _video_item(v, name))
+        return media
+    if obj.get("image") is not None:
+        media += [_image_item(v, f"image[{j}]") for j, v in enumerate(_as_list(obj["image"], "image"))]
+    if obj.get("video") is not None:
+        videos = _as_list(obj["video"], "video")
+        top = (obj.get("start"), obj.get("end")) if len(videos) == 1 else (None, None)
+        media += [_video_item(v, f"video[{j}]", *top) for j, v in enumerate(videos)]
+    return media
+
+
+def parse_conversations(obj: dict[str, Any]) -> list[dict[str, str]]:
+    if "conversations" not in obj:
+        raise SampleError("missing field", "`conversations`")
+    conv = obj["conversations"]
+    if not isinstance(conv, list) or not conv:
+        raise SampleError("wrong type", "`conversations` must be a non-empty list")
+    out = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise SampleError("wrong type", f"`conversations[{i}]` must be an object")
+        for k in ("from", "value"):
+            if k not in turn:
+                raise SampleError("missing field", f"`conversations[{i}].{k}`")
+        if not isinstance(turn["from"], str) or not isinstance(turn["value"], str):
+            raise SampleError("wrong type", f"`conversations[{i}]` from/value must be strings")
+        if turn["from"] not in TURN_ROLES:
+            raise SampleError("invalid value", f"`conversations[{i}].from` is {turn['from'][:40]!r}")
+        out.append({"from": turn["from"], "value": turn["value"]})
+    return out
+
+
+def canonical_placeholders(conv: list[dict[str, str]], media: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Check placeholders against media (each medium referenced exactly once, only in human turns)
+    and rewrite them to the numbered form ``<image-k>`` / ``<video-k>``."""
+    try:
+        found = placeholder_targets([t["value"] for t in conv])
+    except ValueError as e:
+        raise SampleError("placeholder count mismatch", str(e)) from None
+    want = {"image": sum(m["type"] == "image" for m in media), "video": sum(m["type"] == "video" for m in media)}
+    got: dict[str, list[int]] = {"image": [], "video": []}
+    for turn, items in zip(conv, found):
+        if items and turn["from"] != "human":
+            raise SampleError("placeholder count mismatch", f"media placeholder in a {turn['from']} turn")
+        for kind, k, _, _ in items:
+            got[kind].append(k)
+    for kind in ("image", "video"):
+        if sorted(got[kind]) != list(range(want[kind])):
+            raise SampleError("placeholder count mismatch",
+                              f"{len(got[kind])} <{kind}> placeholders for {want[kind]} {kind}(s)")
+    out = []
+    for turn, items in zip(conv, found):
+        text, pos, parts = turn["value"], 0, []
+        for kind, k, a, b in items:
+            parts += [text[pos:a], f"<{kind}-{k + 1}>"]
+            pos = b
+        parts.append(text[pos:])
+        out.append({"from": turn["from"], "value": "".join(parts)})
+    return out
+
+
+# ----------------------------------------------------------------------------- probing
+
+def probe_media(item: dict[str, Any], index: int, ctx: SampleContext) -> dict[str, Any]:
+    """Resolve, size-check, hash and probe one medium; returns its index entry."""
+    real = resolve_media_path(ctx.media_root, item["path"])
+    size = os.path.getsize(real)
+    if size > ctx.limits.max_media_bytes:
+        raise SampleError("media file too large", f"{size} bytes")
+    entry: dict[str, Any] = {"type": item["type"], "path": item["path"], "bytes": size}
+    try:
+        if item["type"] == "image":
+            with open(real, "rb") as f:
+                data = f.read()
+            entry.update(probe_image(data, ctx.limits))
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+            entry["member"] = f"m{index}.{image_ext(entry['format'])}"
+            return entry
+        info = probe_video(real, ctx.limits)
+    except MediaError as e:
+        raise SampleError(e.reason, e.detail[:300]) from None
+    start = item["start"] or 0.0
+    end = min(item["end"], info["duration"]) if item["end"] is not None else info["duration"]
+    if start >= info["duration"]:
+        raise SampleError("invalid value", f"clip start {start} s is past the video's {info['duration']:.2f} s")
+    if end - start < 0.5 / info["fps"]:
+        raise SampleError("zero-length video", f"clip {start}-{end} s holds no frame")
+    entry.update(info)
+    entry.update(start=round(start, 6), end=round(end, 6), sha256=file_sha256(real),
+                 member=f"m{index}.{video_ext(info['format'])}")
+    return entry
+
+
+# ----------------------------------------------------------------------------- one line
+
+def parse_sample(raw: Union[str, bytes], source: str, source_index: int, line: int,
+                 ctx: SampleContext) -> Union[Accepted, Rejected]:
+    """Validate one JSONL line; cheap checks first, media probing last."""
+    sid: Optional[str] = None
+    try:
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            obj = json.loads(text)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SampleError("malformed JSON", str(e)[:200]) from None
+        if not isinstance(obj, dict):
+            raise SampleError("wrong type", "a sample must be a JSON object")
+        if obj.get("id") is not None:
+            sid = str(obj["id"])[:200]
+        conv = parse_conversations(obj)
+        media = parse_media_fields(obj)
+        conv = canonical_placeholders(conv, media)
+        for t in conv:
+            tok = contains_special_token(t["value"], ctx.specials)
+            if tok:
+                raise SampleError("special token in text", tok)
+        if not any(t["from"] == "gpt" and t["value"].strip() for t in conv):
+            raise SampleError("no supervised tokens", "no non-empty gpt turn")
+        text_tokens, supervised = count_text_tokens(ctx.tokenizer, conv)
+        if supervised == 0:
+            raise SampleError("no supervised tokens", "assistant turns tokenize to nothing")
+        entries = [probe_media(m, i, ctx) for i, m in enumerate(media)]
+    except SampleError as e:
+        return Rejected(e.reason, e.detail, sid)
+    key = make_key(source, source_index, line)
+    sample = {"key": key, "id": sid, "source": os.path.basename(source), "line": line,
+              "conversations": conv, "media": entries,
+              "text_tokens": text_tokens, "supervised_tokens": supervised}
+    return Accepted(key, sample)
