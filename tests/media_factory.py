@@ -148,3 +148,24 @@ def build_dataset(root: str | Path) -> dict[str, Any]:
     }
     return {"root": root, "media": media, "inputs": [fa, fb], "expected_rejects": expected,
             "input_samples": len(a) + len(b), "written": len(a) + len(b) - len(expected)}
+
+
+_TOKENIZER_DIR: Optional[Path] = None
+
+
+def tiny_tokenizer_dir() -> Path:
+    """A local byte-level BPE tokenizer, built once per test session (no hub access)."""
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        import tempfile
+
+        from megatron_eagle.tokenizer import build_tiny_tokenizer
+
+        _TOKENIZER_DIR = build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="tiny_tok_")) / "tok")
+    return _TOKENIZER_DIR
+
+
+def tiny_tokenizer():
+    from megatron_eagle.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir())
