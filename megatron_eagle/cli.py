@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "megatron_eagle.data.inspect_shards",
     "verify": "megatron_eagle.data.verify",
     "reshard": "megatron_eagle.data.reshard",
+    "plan": "megatron_eagle.data.plan_cli",
 }
 
 
