@@ -1,0 +1,142 @@
+"""`megatron-eagle convert`: HF checkpoint tools.
+
+    megatron-eagle convert verify --hf DIR [--tp N --pp N] [--tol 1e-5]
+        load DIR into our model, compare logits with a transformers reference on random inputs
+    megatron-eagle convert make-tiny --out DIR [--seed 0]
+        write a tiny random Eagle 2.5 HF dir (tiny preset + tiny tokenizer), e.g. for the demo
+    megatron-eagle convert roundtrip --hf DIR --out DIR [--tp N --pp N] [--max-shard-size 5GB]
+        load DIR into our model at that layout and export it back to HF (streaming)
+
+With ``--tp/--pp`` > 1 run under torchrun with tp*pp processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="HF checkpoint conversion and verification",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="convert_command", metavar="ACTION")
+
+    v = sub.add_parser("verify", help="max logits difference vs the transformers reference")
+    v.add_argument("--hf", required=True, help="HF Eagle 2.5 directory")
+    v.add_argument("--tp", type=int, default=1)
+    v.add_argument("--pp", type=int, default=1)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--tol", type=float, default=1e-5, help="max relative difference allowed (default 1e-5)")
+    v.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    v.set_defaults(func=run_verify)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random HF Eagle 2.5 dir with a tiny tokenizer")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    t.add_argument("--max-shard-size", default="5GB")
+    t.set_defaults(func=run_make_tiny)
+
+    r = sub.add_parser("roundtrip", help="HF -> our model (any TP/PP) -> HF")
+    r.add_argument("--hf", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--tp", type=int, default=1)
+    r.add_argument("--pp", type=int, default=1)
+    r.add_argument("--max-shard-size", default="5GB")
+    r.add_argument("--dtype", default=None, help="stored dtype (default: the checkpoint's)")
+    r.set_defaults(func=run_roundtrip)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_verify(args) -> int:
+    _quiet_transformers()
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_eagle.config import ParallelConfig
+    from megatron_eagle.convert.load import build_model_from_hf, init_process_groups
+    from megatron_eagle.convert.reference import EagleHFReference
+    from megatron_eagle.convert.verify import verify
+    from megatron_eagle.runtime.distributed import shutdown
+
+    init_process_groups(args.tp, args.pp)
+    try:
+        model, report = build_model_from_hf(args.hf, ParallelConfig(tp=args.tp, pp=args.pp))
+        reporter = dist.get_rank() == dist.get_world_size() - 1  # on the last pipeline stage
+        ref = EagleHFReference.from_pretrained(args.hf) if reporter else None
+        results = verify(model, ref, model.model_cfg, args.seed, reporter)
+        ok = True
+        if reporter:
+            worst = max(rel for _, rel in results.values())
+            ok = worst <= args.tol
+            if args.json:
+                print(json.dumps({"cases": {k: {"max_abs": a, "max_rel": r} for k, (a, r) in results.items()},
+                                  "max_rel": worst, "tol": args.tol, "ok": ok,
+                                  "unused_hf_tensors": report.unused_hf}))
+            else:
+                if report.unused_hf:
+                    print(f"note: {len(report.unused_hf)} HF tensors unused, e.g. {report.unused_hf[:3]}")
+                for k, (a, r) in results.items():
+                    print(f"{k:>14}: max |Δlogit| = {a:.3e}   relative = {r:.3e}")
+                print(f"{'PASS' if ok else 'FAIL'}: max relative difference {worst:.3e} (tolerance {args.tol:.0e})")
+        failed = torch.tensor([0 if ok else 1])
+        if dist.get_world_size() > 1:  # every rank exits with the reporter's verdict
+            dist.all_reduce(failed)
+        return int(failed.item() != 0)
+    finally:
+        shutdown()
+
+
+def run_make_tiny(args) -> int:
+    _quiet_transformers()
+    import tempfile
+
+    from megatron_eagle.config import preset_model_config
+    from megatron_eagle.convert.reference import make_random_hf_checkpoint
+    from megatron_eagle.tokenizer import build_tiny_tokenizer
+
+    cfg = preset_model_config(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = build_tiny_tokenizer(tmp)
+        out = make_random_hf_checkpoint(args.out, cfg, tok_dir, seed=args.seed, max_shard_size=args.max_shard_size)
+    print(f"wrote random {args.preset} Eagle 2.5 HF checkpoint to {out}")
+    return 0
+
+
+def run_roundtrip(args) -> int:
+    _quiet_transformers()
+    import json
+    from pathlib import Path
+
+    from megatron_eagle.config import ParallelConfig
+    from megatron_eagle.convert.load import build_model_from_hf, export_model_to_hf, init_process_groups
+    from megatron_eagle.runtime.distributed import shutdown
+
+    init_process_groups(args.tp, args.pp)
+    try:
+        stored = json.loads((Path(args.hf) / "config.json").read_text()).get("torch_dtype", "float32")
+        dtype = args.dtype or stored
+        model, _ = build_model_from_hf(args.hf, ParallelConfig(tp=args.tp, pp=args.pp),
+                                       "bfloat16" if dtype == "bfloat16" else "float32")
+        index = export_model_to_hf(model, args.out, tokenizer_dir=args.hf, max_shard_size=args.max_shard_size,
+                                   dtype=dtype)
+        if index is not None:
+            print(f"wrote {len(index['weight_map'])} tensors in "
+                  f"{len(set(index['weight_map'].values()))} shards to {args.out}")
+        return 0
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    from megatron_eagle.cli import main
+
+    sys.exit(main(["convert", *sys.argv[1:]]))
