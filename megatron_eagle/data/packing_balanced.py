@@ -63,6 +63,12 @@ def layered_pack(lens_desc: np.ndarray, seq_len: int, width: int) -> tuple[np.nd
     width = max(1, int(width))
     layer_max = lens_desc[::width].tolist()  # sorted descending, so the first of a layer is its max
     bins = _best_fit_layers(layer_max, seq_len)
+    if width == 1:  # one sample per layer: the bins are the packs
+        pack_of = np.repeat(np.arange(len(bins), dtype=np.int64), [len(b) for b in bins])
+        pos = np.fromiter((j for b in bins for j in b), np.int64, n)
+        out = np.empty(n, np.int64)
+        out[pos] = pack_of
+        return out, np.bincount(out, weights=lens_desc, minlength=len(bins)).astype(np.int64)
     pack_of = np.empty(n, np.int64)
     load = np.zeros(len(bins) * width, np.int64)
     for b, layers in enumerate(bins):
