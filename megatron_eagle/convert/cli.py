@@ -67,6 +67,8 @@ def run_verify(args) -> int:
     from megatron_eagle.convert.verify import verify
     from megatron_eagle.runtime.distributed import shutdown
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 parity check: no TF32 on GPU
+    torch.backends.cudnn.allow_tf32 = False
     init_process_groups(args.tp, args.pp)
     try:
         model, report = build_model_from_hf(args.hf, ParallelConfig(tp=args.tp, pp=args.pp))
