@@ -45,9 +45,13 @@ def write_image(path: str | Path, width: int, height: int, fmt: str = "JPEG", se
 
 def encode_video(path: str | Path, codec: str = "libx264", seconds: float = 2.0, fps: int = 10,
                  width: int = 64, height: int = 48, gop: Optional[int] = None,
-                 container_options: Optional[dict[str, str]] = None) -> Path:
-    """Encode a real video with PyAV; ``codec`` is 'libx264' (H.264) or 'mpeg4' (MPEG-4 Part 2)."""
+                 container_options: Optional[dict[str, str]] = None,
+                 keyframes: Optional[set[int]] = None) -> Path:
+    """Encode a real video with PyAV; ``codec`` is 'libx264' (H.264) or 'mpeg4' (MPEG-4 Part 2).
+
+    ``keyframes`` forces keyframes at those frame numbers (irregular GOPs, H.264 only)."""
     import av
+    from av.video.frame import PictureType
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,9 +61,12 @@ def encode_video(path: str | Path, codec: str = "libx264", seconds: float = 2.0,
         if gop:
             s.codec_context.gop_size = gop
         if codec == "libx264":
-            s.options = {"preset": "ultrafast", "tune": "zerolatency"}
+            s.options = {"preset": "ultrafast", "tune": "zerolatency", "forced-idr": "1", "sc_threshold": "0"}
         for i in range(int(round(seconds * fps))):
-            for p in s.encode(av.VideoFrame.from_ndarray(frame_array(i, width, height), format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(frame_array(i, width, height), format="rgb24")
+            if keyframes is not None and i in keyframes:
+                frame.pict_type = PictureType.I
+            for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)

@@ -20,6 +20,9 @@ def vids(tmp_path_factory):
         "mkv": encode_video(d / "clip.mkv", "mpeg4", seconds=3.0, fps=10),
         "fast": encode_video(d / "fast.mp4", "libx264", seconds=2.0, fps=10, container_options={"movflags": "faststart"}),
         "long": encode_video(d / "long.mp4", "libx264", seconds=30.0, fps=10, gop=10),
+        "onekey": encode_video(d / "onekey.mp4", "libx264", seconds=30.0, fps=10, gop=1000),
+        "irregular": encode_video(d / "irregular.mp4", "libx264", seconds=30.0, fps=10, gop=1000,
+                                  keyframes={0, 7, 31, 90, 95, 200, 211, 280}),
         "dir": d,
     }
 
@@ -126,6 +129,16 @@ def test_sparse_decode_matches_full_decode(vids, name):
     # the decoded content is the frame encoded at that index: the green bar sits at column 3*i mod 64
     for f, i in zip(frames, idx):
         assert int(f[..., 1].astype(float).mean(0).argmax()) == int(frame_array(i, 64, 48)[..., 1].mean(0).argmax())
+
+
+@pytest.mark.parametrize("name", ["long", "onekey", "irregular"])
+def test_sparse_decode_random_plans_any_gop(vids, name):
+    full, _ = decode_all_frames(vids[name])
+    rng = np.random.default_rng(0)
+    for n in (3, 12, 40):
+        idx = sorted(rng.choice(len(full), n, replace=False).tolist())
+        frames, _ = decode_frames(vids[name], idx)
+        assert all(np.array_equal(f, full[i]) for f, i in zip(frames, idx)), (name, idx)
 
 
 def test_sparse_decode_does_not_decode_every_frame(vids, monkeypatch):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 from megatron_eagle.data.tiling import DEFAULT_MAX_TILES, DEFAULT_TILE_SIZE, Grid, choose_grid, num_tiles

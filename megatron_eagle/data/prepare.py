@@ -153,6 +153,10 @@ def scan(cfg: PrepareConfig, plan_path: Path) -> ScanResult:
                 else:
                     res.rejects.append({"source": cfg.inputs[src_idx], "line": line, "id": r.id,
                                         "reason": r.reason, "detail": r.detail, "_order": (src_idx, line)})
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            raise
         finally:
             if pool is not None:
                 pool.close()

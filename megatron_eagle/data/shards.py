@@ -21,7 +21,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 FORMAT_VERSION = 1
 TAR_BLOCK = 512
@@ -304,14 +304,5 @@ def shard_samples_from_source(reader: ShardReader, records: Iterable[dict[str, A
         yield ShardSample(r["key"], members, meta)
 
 
-def sample_bytes_of(record: dict[str, Any]) -> int:
-    """Tar bytes of an indexed sample (what shard planning balances)."""
-    return int(record["length"])
-
-
 def find_shards(root: Union[str, Path]) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if SHARD_RE.match(p.name))
-
-
-def optional_int(v: Optional[Any]) -> Optional[int]:
-    return None if v is None else int(v)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from megatron_eagle.data.media import MediaError, MediaLimits, probe_image
 from megatron_eagle.data.shard_jobs import pool_context
-from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, TAR_BLOCK, file_sha256, find_shards,
+from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, file_sha256, find_shards,
                                         index_meta, load_index, load_manifest, scan_tar, split_member_name)
 from megatron_eagle.data.video import probe_video
 

@@ -109,9 +109,8 @@ def _start_seconds(stream) -> float:
 
 
 def _frame_seconds(frame, stream, start: float) -> Optional[float]:
-    if frame.pts is None:
-        return None
-    return float(frame.pts * stream.time_base) - start
+    t = frame.time  # float computed by PyAV; Fraction arithmetic per frame would dominate forward decoding
+    return None if t is None else t - start
 
 
 def _demux_duration(container, stream, start: float) -> float:
@@ -207,17 +206,32 @@ def video_ext(fmt: str) -> str:
     return VIDEO_EXT.get(fmt, "video")
 
 
+def _should_seek(t: float, cur: float, last_key: Optional[float], spacing: Optional[float], no_key: float,
+                 threshold: float, fps: float) -> bool:
+    """Seek only when a keyframe is expected in (cur, t]: after the last keyframe plus the learned spacing
+    when the keyframes look regular, else when the gap exceeds the threshold / the known keyframe-free span."""
+    if t - cur <= 2.0 / fps:
+        return False
+    gap = max(threshold if spacing is None else spacing, no_key)
+    if spacing is not None and last_key is not None and last_key + gap > cur:
+        return last_key + gap <= t + 0.5 / fps
+    return t - cur > gap
+
+
 def decode_frames(source: VideoSource, frame_indices: Sequence[int], size: Optional[tuple[int, int]] = None,
                   seek_threshold_s: float = 2.0, threads: int = 0) -> tuple[list[Any], list[float]]:
     """Decode exactly the frames ``frame_indices`` (index = time x fps); returns RGB HWC uint8 arrays in
     the order asked (duplicates allowed) and each frame's time in seconds from the video start.
 
-    Seeks to the keyframe before a target and decodes forward; a target less than
-    ``seek_threshold_s`` ahead of the last decoded frame is reached by decoding forward instead.
-    ``size=(w, h)`` resizes with swscale during colour conversion.
+    Seeks to the keyframe before a target and decodes forward. A seek only pays off when a keyframe
+    lies between the current position and the target, so otherwise the target is reached by decoding
+    forward; keyframe spacing is learned from the keyframes decoded (``seek_threshold_s`` until then). ``size=(w, h)`` resizes with swscale during colour conversion.
     """
     if not len(frame_indices):
         return [], []
+    kw: dict[str, Any] = {"format": "rgb24"}
+    if size is not None:
+        kw.update(width=size[0], height=size[1], interpolation="BICUBIC")
     with _open(source) as container:
         vs = container.streams.video[0]
         if threads:
@@ -228,30 +242,37 @@ def decode_frames(source: VideoSource, frame_indices: Sequence[int], size: Optio
         fps, start = float(rate), _start_seconds(vs)
         half = 0.5 / fps
         picked: dict[int, tuple[Any, float]] = {}
-        it, cur, last = None, float("-inf"), None
+        it, cur, last, last_key = None, float("-inf"), None, None
+        spacing: Optional[float] = None  # largest spacing of two keyframes decoded in one run
+        no_key = 0.0  # longest stretch known to hold no keyframe (from where seeks landed)
         for idx in sorted(set(int(i) for i in frame_indices)):
             t = idx / fps
-            if it is None or t - cur > seek_threshold_s:
+            if it is None or _should_seek(t, cur, last_key, spacing, no_key, seek_threshold_s, fps):
                 container.seek(int((max(0.0, t) + start) / vs.time_base), stream=vs, backward=True, any_frame=False)
-                it = container.decode(vs)
+                it, last_key, landed = container.decode(vs), None, None
+            else:
+                landed = cur
             got = None
             for fr in it:
                 ft = _frame_seconds(fr, vs, start)
                 ft = cur + 1.0 / fps if ft is None else ft
+                if landed is None:  # first frame after a seek: no keyframe lies in (ft, t]
+                    landed = ft
+                    no_key = max(no_key, t - ft)
+                if fr.key_frame:
+                    if last_key is not None:
+                        spacing = max(spacing or 0.0, ft - last_key)
+                    last_key = ft
                 cur, last = ft, (fr, ft)
                 if ft >= t - half:
-                    got = (fr, ft)
+                    got = (fr.to_ndarray(**kw), ft)  # convert now so decoder buffers are recycled
                     break
             if got is None:  # asked past the last frame: the last decoded frame stands in
                 if last is None:
                     raise MediaError("undecodable video", f"no frame at or after index {idx}")
-                got = last
+                got = (last[0].to_ndarray(**kw), last[1])
             picked[idx] = got
-        kw: dict[str, Any] = {"format": "rgb24"}
-        if size is not None:
-            kw.update(width=size[0], height=size[1], interpolation="BICUBIC")
-        arrays = {i: (fr.to_ndarray(**kw), ft) for i, (fr, ft) in picked.items()}
-    out = [arrays[int(i)] for i in frame_indices]
+    out = [picked[int(i)] for i in frame_indices]
     return [a for a, _ in out], [round(t, 6) for _, t in out]
 
 
