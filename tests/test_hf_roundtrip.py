@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_eagle.convert import hf_io, hf_mapping
-from tests.hf_fixtures import layout_run, read_all, tiny_checkpoint
+from tests.hf_fixtures import layout_run, read_all
 
 
 @pytest.mark.parametrize("tp,pp,tied", [(1, 1, False), (2, 1, False), (1, 2, True)])

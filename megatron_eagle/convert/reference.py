@@ -101,8 +101,9 @@ class EagleHFReference(nn.Module):
                eos_id: Optional[int]) -> list[int]:
         """transformers' own greedy ``generate`` (with its KV cache) on the embedded prompt."""
         emb = self.input_embeds(input_ids, pixel_values)
-        out = self.language_model.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
-                                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
+        mask = torch.ones(emb.shape[:2], dtype=torch.long)
+        out = self.language_model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                           do_sample=False, eos_token_id=eos_id,
                                            pad_token_id=eos_id if eos_id is not None else 0)
         return out[0].tolist()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -116,8 +116,9 @@ def _load_video_fallback(path: str | Path, tile_size: int, num_frames: int) -> V
 def with_placeholders(prompt: str, n_images: int, n_videos: int) -> str:
     """Prepend ``<image>``/``<video>`` lines for media the prompt does not mention."""
     kinds = [m.group(1) for m in _PLACEHOLDER.finditer(prompt)]
-    extra = "<image>\n" * max(0, n_images - kinds.count("image")) + "<video>\n" * max(0, n_videos - kinds.count("video"))
-    return extra + prompt
+    missing_images = max(0, n_images - kinds.count("image"))
+    missing_videos = max(0, n_videos - kinds.count("video"))
+    return "<image>\n" * missing_images + "<video>\n" * missing_videos + prompt
 
 
 def _expand_fallback(text: str, images: Sequence[ImageInput], videos: Sequence[VideoInput], tpt: int) -> str:
