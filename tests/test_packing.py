@@ -205,3 +205,15 @@ def test_empty_and_tiny_inputs():
     assert plan.stats["packs"] == 0 and plan.stats["dropped"] == 2 and plan.stats["imbalance"] is None
     plan = make_plan(SampleTable.from_lengths([10, 20, 30]), PlanSpec(4096, dp=4))
     assert plan.stats["packs"] == 0 and plan.stats["dropped_tail"] == 3  # one pack cannot feed 4 ranks
+
+
+@pytest.mark.parametrize("width", [1, 64])
+def test_balanced_packs_are_full_but_at_most_one(width):
+    # Only short samples: everything is sand packed in bins of `width` packs, whose last bin is
+    # partly empty unless step 5 re-packs it.
+    lens = np.random.default_rng(2).integers(16, 300, 50_000)
+    packs = pack(lens, L32, "balanced", seed=0, width=width)
+    load = packs.reduce(lens)
+    assert load.max() <= L32
+    assert (load < 0.9 * L32).sum() <= 1
+    assert load.sum() / (len(packs) * L32) > 0.995

@@ -20,6 +20,8 @@ Algorithm (lengths sorted descending, ties shuffled with the seed):
    vectorised: with gaps laid end to end (cumulative sum) and sand laid end to end, a grain
    goes to the pack its span falls in; grains straddling a boundary wait for the next pass.
 4. **Leftover sand** is packed by step 2 on its own (small, dense lengths: near-perfect fill).
+5. **Underfilled packs** (the last bins of steps 2 and 4) give their samples back: poured into
+   the remaining gaps, the rest re-packed narrower, so at most one pack stays underfilled.
 
 Cost: O(n log n) for the sort plus O(n / width) Python steps; 10 M samples take seconds.
 """
@@ -34,6 +36,7 @@ from megatron_eagle.data.packing import sorted_desc
 
 SAND_DIVISOR = 16  # samples <= seq_len / 16 fill gaps
 POUR_REPEATS = 3  # passes per size class (each pass resolves most straddlers)
+UNDERFILLED = 0.9  # packs below this fill are re-packed (step 5)
 
 
 def _best_fit_layers(layer_max: list[int], seq_len: int) -> list[list[int]]:
@@ -142,6 +145,31 @@ def pack_balanced(eff_len: np.ndarray, seq_len: int, *, rng: np.random.Generator
     if rest.size:
         rest_pack, _ = layered_pack(sand[rest], seq_len, width)
         pos_pack[n_rock + rest] = rest_pack + len(load)
+    for _ in range(3):  # a wide re-pack can leave a partly empty last bin: once more, narrower
+        if not _repack_underfilled(lens, pos_pack, seq_len):
+            break
     pack_id = np.empty(n, np.int64)
     pack_id[order] = pos_pack
     return pack_id
+
+
+def _repack_underfilled(lens: np.ndarray, pos_pack: np.ndarray, seq_len: int) -> bool:
+    """Step 5: the last bins of steps 2 and 4 can be partly empty. Their samples are poured into
+    the other packs' gaps and the rest re-packed by step 2 (narrower), so at most one pack stays
+    underfilled (an underfilled pack would be a cheap outlier in its step). Updates ``pos_pack``;
+    returns whether anything was re-packed."""
+    n_packs = int(pos_pack.max()) + 1
+    load = np.bincount(pos_pack, weights=lens, minlength=n_packs).astype(np.int64)
+    under = (load > 0) & (load < UNDERFILLED * seq_len)  # ids left empty by a previous round are skipped
+    if under.sum() <= 1:
+        return False
+    move = np.flatnonzero(under[pos_pack])  # positions, so lengths stay descending
+    gap = np.where(under, 0, seq_len - load)
+    where = pour(gap, lens[move], seq_len)
+    placed = where >= 0
+    pos_pack[move[placed]] = where[placed]
+    rest = move[~placed]
+    if rest.size:
+        rest_pack, _ = layered_pack(lens[rest], seq_len, max(1, rest.size // 20_000))
+        pos_pack[rest] = rest_pack + n_packs
+    return True

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_eagle.config import ConfigError
 from megatron_eagle.data.ads import ADSConfig, ImagePlan, ads_config_from_manifest, plan_sample
@@ -47,7 +48,9 @@ def table_from_prepared(dirs: list[str | Path], seq_len: int) -> tuple[SampleTab
         manifest = load_manifest(root) if (root / MANIFEST_NAME).is_file() else {}
         cfg = ads_config_from_manifest(manifest)
         names.append(root.resolve().name)
-        for rec in iter_index(root):
+        # ADS runs per record in Python (~0.3 ms for an image, ~0.7 ms for a video).
+        for rec in tqdm(iter_index(root), desc=f"ADS {root.name} @ {seq_len}", unit="rec", disable=None,
+                        mininterval=2.0, leave=False):
             n, t, why = record_length(rec, seq_len, cfg)
             lengths.append(n)
             tiles.append(t)

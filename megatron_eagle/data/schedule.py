@@ -5,7 +5,8 @@ all-reduce makes every rank wait for the slowest one. The straggler is therefore
 the largest *sum* of pack costs in the step; ``imbalance`` is max/mean of those sums.
 
 Both schedules give every rank the same number of packs: the ``P mod (DP * micro_batches)``
-packs with the fewest samples are left out of the epoch (their samples are reported as
+packs left out of the epoch are
+underfilled ones first, then those with the fewest samples (their samples are reported as
 ``dropped_tail`` and listed, so a next epoch can start with them). Nothing is duplicated.
 
 - ``random`` (the Eagle 2.5 way): shuffle packs, deal them in order.
@@ -36,14 +37,16 @@ class Schedule:
 
 def _split_tail(pack_size: np.ndarray, pack_tokens: np.ndarray, per_step: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, left_out) pack indices. The ``P mod per_step`` packs left out are those with the
-    fewest samples (fewest tokens on ties), so the fewest samples miss the epoch."""
+    """(kept, left_out) pack indices. The ``P mod per_step`` packs left out are underfilled packs
+    (< 90% of the fullest) first, then those with the fewest samples (fewest tokens on ties), so
+    fill goes up and the fewest samples miss the epoch."""
     n = len(pack_tokens)
     n_out = n % per_step
     if n_out == 0:
         return np.arange(n), np.zeros(0, np.int64)
     perm = rng.permutation(n)
-    by_size = perm[np.lexsort((pack_tokens[perm], pack_size[perm]))]
+    full = pack_tokens[perm] >= 0.9 * pack_tokens.max()
+    by_size = perm[np.lexsort((pack_tokens[perm], pack_size[perm], full))]
     return np.sort(by_size[n_out:]), np.sort(by_size[:n_out])
 
 
