@@ -70,6 +70,7 @@ def test_video_forms_with_clips(env):
     ("{bad json", "malformed JSON"),
     (b"\xff\xfe{}", "malformed JSON"),
     ('["a list"]', "wrong type"),
+    pytest.param("[" * 100000 + "]" * 100000, "malformed JSON", id="nesting-bomb"),
     ({"image": "a.jpg"}, "missing field"),
     ({"conversations": []}, "wrong type"),
     ({"conversations": [{"from": "human"}]}, "missing field"),

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
 from megatron_eagle.data.media import MediaLimits
-from megatron_eagle.data.samples import (Accepted, Rejected, SampleContext, SampleError, file_sha256,
-                                         parse_sample, resolve_media_path, sample_json_bytes)
+from megatron_eagle.data.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
+                                         resolve_media_path, sample_json_bytes)
 from megatron_eagle.data.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
 from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR,
-                                        ShardSample, index_meta, parse_size, plan_shards, remove_stale,
+                                        ShardSample, file_sha256, index_meta, parse_size, plan_shards, remove_stale,
                                         sample_tar_bytes, shard_name, write_json_atomic, write_jsonl_atomic)
 
 MAX_LINE_BYTES = 64 << 20  # a longer line is rejected as malformed without being held in memory
@@ -192,10 +192,12 @@ class PlanSource:
                         if len(data) != m["bytes"] or hashlib.sha256(data).hexdigest() != m["sha256"]:
                             raise SampleError("media changed during prepare", m["path"][:200])
                         members[m["member"]] = data
-                except SampleError as e:
+                except (SampleError, OSError) as e:
+                    reason, detail = ((e.reason, e.detail) if isinstance(e, SampleError)
+                                      else ("unexpected error", f"{type(e).__name__}: {e}"[:200]))
                     src_idx = int(sample["key"].rsplit("-", 2)[1])  # keys are STEM-SRC-LINE
                     late_rejects.append({"source": self.inputs[src_idx], "line": sample["line"], "id": sample["id"],
-                                         "reason": e.reason, "detail": e.detail})
+                                         "reason": reason, "detail": detail})
                     continue
                 yield ShardSample(sample["key"], members, index_meta(sample))
 

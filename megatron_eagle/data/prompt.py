@@ -14,7 +14,7 @@ Placeholders in text: ``<image>`` / ``<video>`` (taken in order) or ``<image-k>`
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from megatron_eagle.data.ads import ImagePlan, MediaPlan, VideoPlan
 from megatron_eagle.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START
@@ -249,8 +249,3 @@ def contains_special_token(text: str, specials: Iterable[str]) -> Optional[str]:
             return s
     return None
 
-
-def render_for_debug(tok, conversation: Conversation, media_plan: Sequence[MediaPlan], tokens_per_tile: int) -> Any:
-    """The rendered chat text with media expanded (for inspection and tests)."""
-    conv = expand_media_placeholders(conversation, media_plan, tokens_per_tile)
-    return tok.apply_chat_template(to_chat_messages(conv), tokenize=False)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 from megatron_eagle.data.media import MediaError, MediaLimits, image_ext, probe_image
 from megatron_eagle.data.prompt import (contains_special_token, count_text_tokens, placeholder_targets,
                                         special_token_strings)
+from megatron_eagle.data.shards import file_sha256
 from megatron_eagle.data.video import probe_video, video_ext
 
 REJECT_REASONS = (
@@ -98,16 +99,6 @@ def resolve_media_path(media_root: str, rel: str) -> str:
     if not os.path.isfile(real):
         raise SampleError("missing media file", rel[:200])
     return real
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 # ----------------------------------------------------------------------------- field parsing
@@ -270,8 +261,8 @@ def parse_sample(raw: Union[str, bytes], source: str, source_index: int, line: i
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
             obj = json.loads(text)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise SampleError("malformed JSON", str(e)[:200]) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting bombs
+            raise SampleError("malformed JSON", f"{type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(obj, dict):
             raise SampleError("wrong type", "a sample must be a JSON object")
         if obj.get("id") is not None:
