@@ -145,8 +145,9 @@ def _supervised_spans(tok, msgs: list[dict[str, str]], text: str) -> list[tuple[
         if m["role"] != "assistant":
             continue
         lo = len(tok.apply_chat_template(msgs[:i], tokenize=False)) if i else 0
-        hi = len(tok.apply_chat_template(msgs[: i + 1], tokenize=False))
-        if text[:hi] != tok.apply_chat_template(msgs[: i + 1], tokenize=False):
+        upto = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+        hi = len(upto)
+        if not text.startswith(upto):
             raise ValueError("chat template does not render conversations prefix-wise; cannot find labels")
         content = m["content"]
         if content:
