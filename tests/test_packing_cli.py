@@ -100,7 +100,8 @@ def test_curriculum_stage_from_lengths_files(tmp_path):
         np.savetxt(tmp_path / f"{name}.txt", np.stack([t.length[sel], t.tiles[sel]], 1), fmt="%d")
     cur = {"model": "eagle2.5-8b", "seed": 3, "stages": [{
         "name": "long", "seq_len": 32768, "global_batch_tokens": 32768 * 16, "steps": 6,
-        "datasets": [{"name": "img", "path": "img.txt", "weight": 0.7}, {"name": "vid", "path": "vid.txt", "weight": 0.3}],
+        "datasets": [{"name": "img", "path": "img.txt", "weight": 0.7},
+                     {"name": "vid", "path": "vid.txt", "weight": 0.3}],
         "parallel": {"tp": 2, "cp": 2}}]}
     (tmp_path / "cur.yaml").write_text(yaml.safe_dump(cur))
     out = tmp_path / "plan.json"

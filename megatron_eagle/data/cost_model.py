@@ -66,7 +66,8 @@ def _mult(trainable: bool, upstream_trainable: bool, weightless: bool = False) -
     return 1.0
 
 
-def cost_model_from_config(model: ModelConfig, freeze: FreezeConfig | None = None, name: str | None = None) -> CostModel:
+def cost_model_from_config(model: ModelConfig, freeze: FreezeConfig | None = None,
+                           name: str | None = None) -> CostModel:
     """Derive the coefficients from a model config; ``freeze`` defaults to ``model.freeze``."""
     fz = freeze if freeze is not None else model.freeze
     v, m = model.vision, model.llm
@@ -74,7 +75,8 @@ def cost_model_from_config(model: ModelConfig, freeze: FreezeConfig | None = Non
 
     # LLM: matmul parameters touched by every token (GQA: K and V are num_kv_heads wide).
     head_dim = m.hidden_size // m.num_heads
-    attn_w = m.hidden_size * (m.num_heads * head_dim + 2 * m.num_kv_heads * head_dim) + m.num_heads * head_dim * m.hidden_size
+    q_width, kv_width = m.num_heads * head_dim, m.num_kv_heads * head_dim
+    attn_w = m.hidden_size * (q_width + 2 * kv_width) + q_width * m.hidden_size
     mlp_w = 3 * m.hidden_size * m.ffn_hidden_size
     llm_matmul = m.num_layers * (attn_w + mlp_w) + m.hidden_size * m.vocab_size
     up_llm = vit_on or conn_on

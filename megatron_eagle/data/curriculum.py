@@ -171,7 +171,8 @@ def _check_stage(s: Stage, i: int, model: str) -> None:
     try:  # heads/layers divisibility for this layout, using the model checks in config.py
         validate(EagleConfig(model=preset_model_config(model), parallel=p))
     except ConfigError as e:
-        raise ConfigError(f"{w}.parallel", f"does not fit model {model}: {e}", "choose tp/pp that divide the model") from None
+        raise ConfigError(f"{w}.parallel", f"does not fit model {model}: {e}",
+                          "choose tp/pp that divide the model") from None
     if s.seq_len > preset_model_config(model).llm.max_position_embeddings:
         raise ConfigError(f"{w}.seq_len", f"{s.seq_len} exceeds model max_position_embeddings",
                           "use a shorter stage or a model with longer positions")

@@ -34,11 +34,13 @@ class SampleTable:
         self.length = np.ascontiguousarray(self.length, dtype=np.int64)
         n = len(self.length)
         self.tiles = np.zeros(n, np.int64) if self.tiles is None else np.ascontiguousarray(self.tiles, dtype=np.int64)
-        self.dataset = np.zeros(n, np.int32) if self.dataset is None else np.ascontiguousarray(self.dataset, dtype=np.int32)
+        self.dataset = (np.zeros(n, np.int32) if self.dataset is None
+                        else np.ascontiguousarray(self.dataset, dtype=np.int32))
         if len(self.tiles) != n or len(self.dataset) != n:
             raise ValueError(f"length/tiles/dataset sizes differ: {n}, {len(self.tiles)}, {len(self.dataset)}")
         if n and self.length.min() < 1:
-            raise ValueError(f"sample {int(np.argmin(self.length))} has length {int(self.length.min())}; lengths must be >= 1")
+            bad = int(np.argmin(self.length))
+            raise ValueError(f"sample {bad} has length {int(self.length[bad])}; lengths must be >= 1")
 
     def __len__(self) -> int:
         return len(self.length)

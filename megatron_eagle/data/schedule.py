@@ -25,7 +25,9 @@ import numpy as np
 
 @dataclass
 class Schedule:
-    """``pack[i]`` runs at ``step[i]``, micro-batch ``micro[i]``, on DP rank ``rank[i]``; sorted by (step, micro, rank)."""
+    """``pack[i]`` runs at ``step[i]``, micro-batch ``micro[i]``, on DP rank ``rank[i]``.
+
+    Entries are sorted by (step, micro, rank)."""
 
     pack: np.ndarray
     step: np.ndarray
