@@ -19,7 +19,9 @@ setup(
         "pyyaml>=6",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "fsspec>=2023.1",
         "matplotlib>=3.8",
+        "psutil>=5.9",
     ],
     entry_points={"console_scripts": ["megatron-eagle=megatron_eagle.cli:main"]},
 )

@@ -21,7 +21,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 FORMAT_VERSION = 1
 TAR_BLOCK = 512
@@ -214,13 +214,31 @@ def write_jsonl_atomic(path: Union[str, Path], rows: Iterable[dict[str, Any]]) -
 
 # ----------------------------------------------------------------------------- reading
 
+def is_url(root: Union[str, Path]) -> bool:
+    """True for fsspec URLs (``s3://bucket/x``, ``file:///data/x``); plain paths are read directly."""
+    return "://" in str(root)
+
+
+def join_root(root: Union[str, Path], name: str) -> str:
+    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
+
+
+def _open_text(root: Union[str, Path], name: str):
+    if is_url(root):
+        import fsspec
+
+        return fsspec.open(join_root(root, name), "rt", encoding="utf-8").open()
+    return open(Path(root) / name, encoding="utf-8")
+
+
 def load_manifest(root: Union[str, Path]) -> dict[str, Any]:
-    return json.loads((Path(root) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    with _open_text(root, MANIFEST_NAME) as f:
+        return json.loads(f.read())
 
 
 def iter_index(root: Union[str, Path]) -> Iterator[dict[str, Any]]:
-    """Index records of a prepared directory, in shard order."""
-    with open(Path(root) / INDEX_NAME, encoding="utf-8") as f:
+    """Index records of a prepared directory (a path or an fsspec URL), in shard order."""
+    with _open_text(root, INDEX_NAME) as f:
         for line in f:
             if line.strip():
                 yield json.loads(line)
@@ -233,19 +251,27 @@ def load_index(root: Union[str, Path]) -> list[dict[str, Any]]:
 class ShardReader:
     """Random access to samples through index offsets: one seek + read per member, no tar scan.
 
-    Keeps a few shard files open; use as a context manager or call ``close``.
+    ``root`` is a directory or an fsspec URL (``s3://...``, ``file:///...``); for a URL each
+    member is one ranged read (``cat_file(start, end)``), so only the member's bytes are
+    fetched. Keeps a few local shard files open; use as a context manager or call ``close``.
+    Do not share a reader across processes (open files share their offset after fork).
     """
 
     def __init__(self, root: Union[str, Path], max_open: int = 8):
-        self.root = Path(root)
+        self.url: Optional[str] = str(root).rstrip("/") if is_url(root) else None
+        self.root = Path(root) if self.url is None else None
         self.max_open = max_open
         self._files: dict[str, Any] = {}
+        self._fs: Any = None
+        self._fs_root = ""
+        if self.url is not None:
+            from fsspec.core import url_to_fs
+
+            self._fs, self._fs_root = url_to_fs(self.url)
 
     def _file(self, shard: str):
         f = self._files.pop(shard, None)
         if f is None:
-            if not SHARD_RE.match(shard):
-                raise ValueError(f"not a shard name: {shard!r}")
             f = open(self.root / shard, "rb")
             if len(self._files) >= self.max_open:
                 old = next(iter(self._files))
@@ -255,11 +281,17 @@ class ShardReader:
 
     def read_member(self, record: dict[str, Any], suffix: str) -> bytes:
         off, size = record["members"][suffix]
-        f = self._file(record["shard"])
-        f.seek(off)
-        data = f.read(size)
+        shard = record["shard"]
+        if not SHARD_RE.match(shard):
+            raise ValueError(f"not a shard name: {shard!r}")
+        if self._fs is not None:
+            data = self._fs.cat_file(f"{self._fs_root.rstrip('/')}/{shard}", start=off, end=off + size)
+        else:
+            f = self._file(shard)
+            f.seek(off)
+            data = f.read(size)
         if len(data) != size:
-            raise IOError(f"{record['shard']}: short read for {record['key']}.{suffix}")
+            raise IOError(f"{shard}: short read for {record['key']}.{suffix}")
         return data
 
     def read_sample(self, record: dict[str, Any]) -> dict[str, bytes]:

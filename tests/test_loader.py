@@ -1,0 +1,249 @@
+"""The resumable loader on a really prepared dataset: coverage, pack limits, exact resume with any
+worker count, epochs, bad data, fsspec URLs, CP/SP padding, TP broadcast and a tiny model forward."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eagle.config import ConfigError, ParallelConfig, preset_model_config
+from megatron_eagle.data.loader import StageLoader, build_stage_loader, needs_data, needs_media
+from megatron_eagle.data.pack_builder import check_batch, normalize_pixels
+from megatron_eagle.data.shards import load_index
+from tests.dist import run_distributed
+from tests.loader_fixtures import build_loader_dataset, write_curriculum
+from tests.media_factory import tiny_tokenizer, tiny_tokenizer_dir
+
+L = 512
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    d = build_loader_dataset(root)
+    d["cur"] = write_curriculum(root / "cur.yaml", d["prepared"], seq_len=L)
+    d["tok"] = tiny_tokenizer()
+    return d
+
+
+def loader(data, dp_rank=0, cur=None, **kw):
+    kw.setdefault("num_workers", 0)
+    world = kw.pop("world_size", 2)
+    return build_stage_loader(cur or data["cur"], "s1", data["tok"], preset_model_config("tiny"), world_size=world,
+                              dp_rank=dp_rank, **kw)
+
+
+def stream(ld, steps=None):
+    out = []
+    for i, batches in enumerate(ld):
+        out.append(batches)
+        if steps is not None and i + 1 == steps:
+            break
+    ld.close()
+    return out
+
+
+def same_batch(a, b) -> bool:
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def same_stream(s1, s2) -> bool:
+    return len(s1) == len(s2) and all(len(a) == len(b) and all(same_batch(x, y) for x, y in zip(a, b))
+                                      for a, b in zip(s1, s2))
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The uninterrupted stream of both DP ranks (inline, no workers)."""
+    return [stream(loader(data, r)) for r in range(2)]
+
+
+def test_every_sample_at_most_once_packs_fit_and_only_assistant_tokens_supervised(data, reference):
+    ld = loader(data)
+    plan = ld.epoch_plan(0)
+    assert ld.dp_size == 2 and ld.micro_batches == 2 and ld.total_steps == plan.stats["steps"] >= 5
+    records = load_index(data["prepared"])
+    seen = [tuple(s) for rank in reference for step in rank for b in step for s in b.sample_ids.tolist()]
+    assert len(seen) == len(set(seen))  # at most once per epoch, across ranks
+    planned = {int(i) for i in plan.source_index[plan.packs.samples]}
+    assert {i for _, i in seen} == planned
+    # over-long samples are dropped by the plan and counted, never truncated
+    long_row = next(i for i, r in enumerate(records) if r["id"] == "long")
+    assert plan.stats["dropped"] == 1 and plan.source_index[plan.dropped_samples].tolist() == [long_row]
+    assert len(planned) + 1 + plan.stats["dropped_tail"] == len(records)
+    img = ld.pack_cfg.image_token_id
+    for rank in reference:
+        assert len(rank) == ld.total_steps and all(len(step) == 2 for step in rank)
+        for step in rank:
+            for b in step:
+                check_batch(b, ld.pack_cfg)
+                assert b.num_tokens <= L
+                cu = b.cu_seqlens.tolist()
+                for (s, e), (_, idx) in zip(zip(cu[:-1], cu[1:]), b.sample_ids.tolist()):
+                    assert b.position_ids[s:e].tolist() == list(range(e - s))
+                    # shifted labels: each supervised target is the next token; all assistant tokens
+                    lab, tok = b.labels[s:e], b.tokens[s:e]
+                    sup = lab != -100
+                    assert int(sup.sum()) == records[idx]["supervised_tokens"]
+                    assert torch.equal(lab[:-1][sup[:-1]], tok[1:][sup[:-1]]) and lab[-1] == -100
+                    assert not bool((lab == img).any())
+                assert torch.isclose(b.loss_weights.sum(), torch.tensor(1.0))
+                # tiles land on their <IMG_CONTEXT> runs
+                tpt = ld.pack_cfg.tokens_per_tile
+                assert all(b.tokens[p:p + tpt].eq(img).all() for p in b.tile_positions.tolist())
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_resume_mid_epoch_gives_the_same_stream(data, reference, workers):
+    k = 3
+    first = loader(data, 1, num_workers=workers)
+    head = stream(first, steps=k)
+    state = first.state_dict()
+    assert state["stage"] == "s1" and state["step"] == k and state["dp"] == 2
+    resumed = loader(data, 1, num_workers=workers, prefetch=1, state=state)
+    assert len(resumed) == resumed.total_steps - k
+    tail = stream(resumed)
+    assert same_stream(head + tail, reference[1])
+    assert resumed.state_dict()["step"] == resumed.total_steps
+    assert same_stream(stream(loader(data, 0, num_workers=workers, start_step=k)), reference[0][k:])
+
+
+def test_epochs_replan_with_a_new_seed_and_resume_across_them(data, reference):
+    from megatron_eagle.data.plan import PlanSpec, make_plan
+    from megatron_eagle.data.plan_index import table_from_prepared
+
+    model = preset_model_config("tiny")
+    table, _ = table_from_prepared([data["prepared"]], L, model)
+    spec = PlanSpec(L, dp=2, micro_batches=1, cost_model="tiny", seed=5)
+    plan_for = lambda e: make_plan(table, replace(spec, seed=spec.seed + e))  # noqa: E731
+    n0 = plan_for(0).stats["steps"]
+    mk = lambda **kw: StageLoader("s", plan_for, [data["prepared"]], data["tok"], model, dp_rank=0,  # noqa: E731
+                                  total_steps=2 * n0 + 1, num_workers=0, **kw)
+    full = stream(mk())
+    assert len(full) == 2 * n0 + 1
+    ids = [[tuple(s) for step in full[e * n0:(e + 1) * n0] for b in step for s in b.sample_ids.tolist()]
+           for e in range(2)]
+    assert all(len(x) == len(set(x)) for x in ids) and ids[0] != ids[1]
+    assert same_stream(stream(mk(start_step=n0 - 1)), full[n0 - 1:])
+
+
+def test_bad_media_is_skipped_logged_and_counted(data, reference, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(data["prepared"], bad)
+    records = load_index(bad)
+    rank0 = {i for step in reference[0] for b in step for _, i in b.sample_ids.tolist()}
+    victim = next(i for i, r in enumerate(records) if r["media"] and r["media"][0]["type"] == "image" and i in rank0)
+    rec = records[victim]
+    off, size = rec["members"][rec["media"][0]["member"]]
+    with open(bad / rec["shard"], "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)  # same size, so the index still points at every member
+    cur = write_curriculum(tmp_path / "cur.yaml", bad, seq_len=L)
+    ld = loader(data, 0, cur=cur)
+    assert ld.fingerprint() == loader(data).fingerprint()
+    with caplog.at_level(logging.WARNING, logger="megatron_eagle.loader"):
+        got = stream(ld)
+    assert ld.metrics()["loader_errors"] == 1
+    assert any(rec["key"] in r.getMessage() and rec["shard"] in r.getMessage() for r in caplog.records)
+    for a, b in zip(got, reference[0]):
+        for x, y in zip(a, b):
+            ids = y.sample_ids[:, 1].tolist()
+            if victim in ids:
+                assert x.sample_ids[:, 1].tolist() == [i for i in ids if i != victim]
+                check_batch(x, ld.pack_cfg)
+            else:
+                assert same_batch(x, y)
+
+
+def test_fsspec_url_reads_the_same_batches(data, reference, tmp_path):
+    cur = write_curriculum(tmp_path / "cur.yaml", "file://" + str(data["prepared"]), seq_len=L)
+    ld = loader(data, 0, cur=cur, cache_dir=str(tmp_path / "cache"))
+    assert ld.sources[0].reader().url is not None
+    assert same_stream(stream(ld, steps=3), reference[0][:3])
+
+
+def test_text_only_stages_uint8_pixels_and_needs_data(data, reference):
+    assert [needs_data(r, 4) for r in range(4)] == [True, False, False, True]
+    assert [needs_media(r, 4) for r in range(4)] == [True, False, False, False]
+    ref = reference[0][:2]
+    text = stream(loader(data, 0, pp_rank=1), steps=2)
+    for a, b in zip(text, ref):
+        for x, y in zip(a, b):
+            assert x.pixel_values.shape[0] == 0 and torch.equal(x.tokens, y.tokens)
+            assert torch.equal(x.cu_seqlens, y.cu_seqlens) and torch.equal(x.loss_weights, y.loss_weights)
+    raw = stream(loader(data, 0, pixel_dtype="uint8"), steps=2)
+    for a, b in zip(raw, ref):
+        for x, y in zip(a, b):
+            assert x.pixel_values.dtype == torch.uint8 and same_batch(normalize_pixels(x), y)
+
+
+def test_cp_and_sequence_parallel_padding(data, tmp_path):
+    cur = write_curriculum(tmp_path / "cur.yaml", data["prepared"], seq_len=L,
+                           parallel={"tp": 2, "pp": 1, "cp": 2, "sp": True})
+    ld = loader(data, 1, cur=cur, world_size=8)
+    assert ld.pack_cfg.pad_to_multiple == 4 and ld.pack_cfg.cp == 2
+    for step in stream(ld, steps=3):
+        for b in step:
+            check_batch(b, ld.pack_cfg)  # every segment a multiple of 2*cp, the pack of 4
+            assert b.num_tokens % 4 == 0 and (torch.diff(b.cu_seqlens) % 4 == 0).all()
+    fixed = stream(loader(data, 1, cur=cur, world_size=8, fixed_length=True), steps=1)[0]
+    assert all(b.num_tokens == L for b in fixed)
+
+
+def test_dp_change_is_refused_mid_stage_but_fine_at_a_new_stage(data, tmp_path):
+    ld = loader(data, 0)
+    stream(ld, steps=2)
+    state = ld.state_dict()
+    with pytest.raises(ConfigError, match="dp=2"):
+        loader(data, 0, world_size=4, state=state)
+    other = dict(state, stage="s0")
+    with pytest.raises(ConfigError, match="stage"):
+        loader(data, 0, state=other)
+    assert loader(data, 0, world_size=4, state=dict(state, step=0)).step == 0
+
+
+def _tp_broadcast_and_forward(rank, world, cur, prepared):
+    from megatron.core import parallel_state as ps
+
+    from megatron_eagle.config import ParallelConfig, preset_model_config
+    from megatron_eagle.models.eagle import build_model
+    from megatron_eagle.runtime.distributed import init_model_parallel
+
+    init_model_parallel(2, 1, 1)
+    model_cfg = preset_model_config("tiny")
+    tok = str(tiny_tokenizer_dir())
+    kw = dict(world_size=4, dp_rank=1, num_workers=1 if rank == 0 else 0)
+    bc = build_stage_loader(cur, "s1", tok, model_cfg, tp_mode="broadcast",
+                            tp_group=ps.get_tensor_model_parallel_group(), **kw)
+    got = stream(bc, steps=2)
+    own = stream(build_stage_loader(cur, "s1", tok, model_cfg, **kw), steps=2)
+    equal = same_stream(got, own)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, ParallelConfig(tp=2))
+    losses = []
+    with torch.no_grad():
+        for b in got[0]:
+            assert int((b.tokens == model_cfg.image_token_id).sum()) == b.pixel_values.shape[0] * model_cfg.tokens_per_tile
+            losses.append(float(model(b)))
+    return {"equal": equal, "losses": losses, "errors": bc.metrics()["loader_errors"], "packs": bc.metrics()["packs"]}
+
+
+def test_tp_broadcast_gives_identical_batches_and_the_model_runs_them(data, tmp_path):
+    cur = write_curriculum(tmp_path / "cur.yaml", data["prepared"], seq_len=L, parallel={"tp": 2, "pp": 1, "cp": 1})
+    res = run_distributed(_tp_broadcast_and_forward, 2, str(cur), str(data["prepared"]))
+    assert all(r["equal"] for r in res) and all(r["packs"] == 4 and r["errors"] == 0 for r in res)
+    assert res[0]["losses"] == res[1]["losses"] and all(np.isfinite(res[0]["losses"]))
+    assert all(x > 0 for x in res[0]["losses"])
