@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -26,7 +27,9 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
 
         init_distributed(timeout_s=120)
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        buf = io.BytesIO()  # plain bytes: tensors in shared memory die with this process
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
         shutdown()
     except BaseException:  # report, then let the parent fail the test
         queue.put((rank, "error", traceback.format_exc()))
@@ -48,7 +51,9 @@ def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> list:
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
                 break
-            results[rank] = value
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)

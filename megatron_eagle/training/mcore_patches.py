@@ -1,0 +1,30 @@
+"""One targeted fix for megatron-core 0.16.1, applied once at trainer import.
+
+Without apex/transformer-engine, megatron falls back to ``torch.optim.AdamW`` whose state
+has a per-parameter ``step``. The ``fully_reshardable`` DistributedOptimizer load skips
+``step`` (it restores it from the param groups later) but then copies *every* destination
+key, raising ``KeyError: 'step'``. We copy only the keys the checkpoint provides.
+"""
+
+from __future__ import annotations
+
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+_ORIGINAL = DistributedOptimizer._set_main_param_and_optimizer_states
+
+
+def _set_main_param_and_optimizer_states(self, model_param, tensors):
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return _ORIGINAL(self, model_param, tensors)
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    dst = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        dst[key].copy_(value)
+
+
+def apply() -> None:
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+apply()

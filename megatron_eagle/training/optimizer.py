@@ -1,0 +1,62 @@
+"""megatron-core DDP, DistributedOptimizer and LR schedule for the model chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_fraction: float = 0.03
+    decay_style: str = "cosine"
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> DistributedDataParallel:
+    """Wrap one model chunk in megatron-core DDP (contiguous fp32 grad buffers)."""
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=optim.overlap_grad_reduce and torch.cuda.is_available(),
+        overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # non-finite steps are skipped by the trainer instead
+        bucket_size=None if not torch.cuda.is_available() else 40_000_000,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+
+
+def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, bf16: bool):
+    """AdamW (decoupled weight decay) with fp32 master weights when params are bf16."""
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
+    )
+    return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup then cosine decay, counted in optimizer steps (one sample = one step)."""
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, 1), lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant")
