@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "verify": "megatron_eagle.data.verify",
     "reshard": "megatron_eagle.data.reshard",
     "plan": "megatron_eagle.data.plan_cli",
+    "train": "megatron_eagle.training.cli",
 }
 
 

@@ -78,6 +78,9 @@ class ModelConfig:
     init_std: float = 0.02
     # id of <IMG_CONTEXT>; set from the tokenizer / HF config when a model is loaded.
     image_token_id: int = 5
+    # Activation recomputation per module: selective recomputes core attention only.
+    recompute_vision: Literal["none", "selective", "full"] = "none"
+    recompute_llm: Literal["none", "selective", "full"] = "none"
 
     @property
     def tokens_per_tile(self) -> int:
@@ -259,9 +262,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(str(path), "top level is not a mapping", "write `key: value` pairs")
     data = apply_overrides(data, list(overrides or []))
-    data = _merge_preset(data)
+    if "model" in {f.name for f in dataclasses.fields(cls)}:
+        data = _merge_preset(data)
     cfg = from_dict(cls, data)
-    validate(cfg)
+    if isinstance(cfg, EagleConfig):
+        validate(cfg)
     return cfg
 
 

@@ -34,8 +34,15 @@ CHATML_TEMPLATE = (
 def load_tokenizer(path: str | Path):
     """Load an HF tokenizer dir, adding Eagle special tokens and ChatML if missing."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    # An Eagle HF dir's config.json is not a model transformers knows; only the tokenizer matters.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
     missing = [t for t in EAGLE_SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)

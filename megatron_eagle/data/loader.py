@@ -398,10 +398,13 @@ def build_stage_loader(curriculum: Any, stage: str, tokenizer: Any, model: Model
     Dataset paths come from the curriculum (relative to ``base_dir``, default the YAML's folder) or
     ``data_dirs`` (name -> prepared dir / URL). ``tokenizer`` is a tokenizer or its directory.
     ``pp_rank``: stages after the first skip media decoding. Other keyword arguments go to
-    :class:`StageLoader` (num_workers, prefetch, tp_mode, tp_group, pixel_dtype, fixed_length, ...).
+    :class:`StageLoader` (num_workers, prefetch, tp_mode, tp_group, pixel_dtype, fixed_length, ...);
+    with ``cache_dir`` (shared by all ranks, e.g. the run directory) the ADS tables are computed by
+    one process and read by the others (:mod:`.table_cache`), and remote indexes are mirrored there.
     """
     from megatron_eagle.data.curriculum import load_curriculum, plan_stage
     from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.table_cache import cached_table
     from megatron_eagle.tokenizer import load_tokenizer
 
     if isinstance(curriculum, (str, Path)):
@@ -420,7 +423,12 @@ def build_stage_loader(curriculum: Any, stage: str, tokenizer: Any, model: Model
             raise ConfigError(f"stages[{stage}].datasets[{d.name}].path", f"{p} is not a prepared directory",
                               "training needs data written by `megatron-eagle prepare` (lengths files only plan)")
         paths.append(p)
-    tables = {d.name: table_from_prepared([p], st.seq_len, model)[0] for d, p in zip(st.datasets, paths)}
+    cache_dir = loader_kw.get("cache_dir")
+    if cache_dir is not None:
+        tables = {d.name: cached_table(p, st.seq_len, model, Path(cache_dir) / "tables")[0]
+                  for d, p in zip(st.datasets, paths)}
+    else:
+        tables = {d.name: table_from_prepared([p], st.seq_len, model)[0] for d, p in zip(st.datasets, paths)}
 
     def plan_for(epoch: int) -> Plan:
         cur = curriculum if epoch == 0 else replace(curriculum, seed=curriculum.seed + epoch)

@@ -39,6 +39,14 @@ def _common(parallel: ParallelConfig, model: ModelConfig) -> dict:
     )
 
 
+def _recompute(mode: str) -> dict:
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
+
+
 def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """SigLIP: LayerNorm with bias, GELU(tanh) MLP with biases, MHA with qkv/out biases."""
     kw = _common(parallel, model)
@@ -55,6 +63,7 @@ def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: Par
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=functools.partial(F.gelu, approximate="tanh"),
+        **_recompute(model.recompute_vision),
         **kw,
     )
 
@@ -74,5 +83,7 @@ def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelC
         add_qkv_bias=l.qkv_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
+        variable_seq_lengths=parallel.pp > 1,  # packs differ in length: p2p sends shapes first
+        **_recompute(model.recompute_llm),
         **_common(parallel, model),
     )

@@ -124,9 +124,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, chunks, optimizer, meta: d
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        (tmp / "rng").mkdir()
     dist.barrier()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:

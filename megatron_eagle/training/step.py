@@ -1,0 +1,55 @@
+"""One optimizer step: megatron's forward/backward schedule over the micro-batches, then a
+guarded optimizer update that skips non-finite steps instead of corrupting the weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_eagle.models.batch import PackedBatch
+
+
+def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.device,
+                     poison_loss: bool = False) -> list[float]:
+    """Run all micro-batches of this DP rank; returns per-pack losses on the last PP stage."""
+    from megatron_eagle.data.pack_builder import normalize_pixels
+
+    def forward_step(data_iterator, model):
+        batch = normalize_pixels(next(data_iterator).to(device))
+        output = model(batch)
+
+        def loss_func(loss: torch.Tensor):
+            if poison_loss:
+                loss = loss * float("nan")
+            return loss, {"loss": loss.detach().clone()}  # megatron scales `loss` in place
+
+        return output, loss_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
+        num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches), micro_batch_size=1,
+        forward_only=False)
+    return [float(d["loss"]) for d in out]
+
+
+def guarded_optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
+    """megatron's ChainedOptimizer.step with a finiteness check between norm and update.
+
+    Returns (updated, grad_norm). The grad norm is reduced over all model-parallel ranks, so
+    every rank takes the same decision.
+    """
+    if optimizer.prepare_grads():  # found inf with a loss scaler (fp16)
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if params and clip_grad > 0:
+            clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
