@@ -42,6 +42,8 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 params on GPU, fp32 on CPU
     tensorboard: bool = True
     wandb_project: Optional[str] = None
+    # Stop cleanly (save, exit 0) after this many steps in this launch: time-boxed jobs, tests.
+    stop_after_steps: Optional[int] = None
     # Testing aid: make the loss non-finite at these global steps (exercises the skip guard).
     inject_nonfinite_steps: list[int] = field(default_factory=list)
 

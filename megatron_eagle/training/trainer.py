@@ -82,6 +82,7 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.last_save_time = time.time()
+        self.steps_this_launch = 0
 
     # -- stage setup --------------------------------------------------------------------
     def _build_stage(self, index: int, weights: Optional[tuple[str, Path]]) -> StageContext:
@@ -207,8 +208,9 @@ class Trainer:
                 self._save(ctx, stage_done=last)
             if stop == "preempt":
                 if self.is_rank0:
-                    print(f"preemption signal ({self.preempt.signal_name}): saved step {ctx.step}, exiting",
-                          flush=True)
+                    why = f"preemption signal ({self.preempt.signal_name})" if self.preempt.requested \
+                        else f"stop_after_steps={cfg.train.stop_after_steps}"
+                    print(f"{why}: saved step {ctx.step} of stage {stage.name}, exiting", flush=True)
                 return "preempted"
         return "done"
 
@@ -251,6 +253,7 @@ class Trainer:
             self.consecutive_skips += 1
         ctx.step += 1
         self.global_step += 1
+        self.steps_this_launch += 1
         elapsed = time.perf_counter() - t0 + wait
         tokens_total = vec[2].item()
         mfu = vec[3].item() / (elapsed * self.world * cfg.train.peak_tflops * 1e12)
@@ -265,6 +268,8 @@ class Trainer:
         if self.consecutive_skips >= cfg.train.max_consecutive_skips:
             stop = "skips"
         elif vec[4].item() > 0:
+            stop = "preempt"
+        elif self.steps_this_launch == cfg.train.stop_after_steps:
             stop = "preempt"
         elif vec[5].item() > 0:
             stop = "time"
