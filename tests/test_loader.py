@@ -247,3 +247,76 @@ def test_tp_broadcast_gives_identical_batches_and_the_model_runs_them(data, tmp_
     assert all(r["equal"] for r in res) and all(r["packs"] == 4 and r["errors"] == 0 for r in res)
     assert res[0]["losses"] == res[1]["losses"] and all(np.isfinite(res[0]["losses"]))
     assert all(x > 0 for x in res[0]["losses"])
+
+
+class _StallOnce:
+    """Wraps a PackBuilder: the first build of one pack (in any process) hangs, as a stuck decode would."""
+
+    def __init__(self, inner, marker, rows):
+        self.inner, self.marker, self.rows = inner, str(marker), rows
+
+    def build(self, rows):
+        import os
+        import time
+
+        if list(rows) == self.rows and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(60)
+        return self.inner.build(rows)
+
+
+def test_a_stalled_worker_is_replaced_and_the_stream_continues(data, reference, tmp_path, caplog):
+    ld = loader(data, 0, num_workers=1, prefetch=1, worker_timeout_s=2.0, start_step=1)
+    from megatron_eagle.data.loader import rank_schedule
+
+    rows = rank_schedule(ld.epoch_plan(0), 0).rows(2 * 2 + 1)  # step 2, micro 1
+    ld.builder = _StallOnce(ld.builder, tmp_path / "stalled", rows)
+    with caplog.at_level(logging.ERROR, logger="megatron_eagle.loader"):
+        got = stream(ld)
+    assert (tmp_path / "stalled").exists() and any("restarting" in r.getMessage() for r in caplog.records)
+    assert same_stream(got, reference[0][1:])
+
+
+def test_table_cache_is_computed_once_and_shared(data, tmp_path):
+    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.table_cache import cached_table
+
+    model = preset_model_config("tiny")
+    ref, drops = table_from_prepared([data["prepared"]], L, model)
+    a, da = cached_table(data["prepared"], L, model, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].endswith(".npz")
+    b, db = cached_table(data["prepared"], L, model, tmp_path)
+    for t in (a, b):
+        assert np.array_equal(t.length, ref.length) and np.array_equal(t.tiles, ref.tiles)
+        assert t.datasets == ref.datasets
+    assert da == db == drops
+    c, _ = cached_table(data["prepared"], 2 * L, model, tmp_path)  # another length: another entry
+    assert len(list(tmp_path.iterdir())) == 2 and not np.array_equal(c.length, a.length)
+    ld = loader(data, 0, cache_dir=str(tmp_path))
+    assert ld.fingerprint() == loader(data, 0).fingerprint()
+
+
+def test_uint8_tiles_and_in_place_normalisation_match_the_inference_path(data):
+    import io
+
+    from megatron_eagle.data.ads import VideoPlan
+    from megatron_eagle.data.media import decode_image, image_to_tiles, normalize
+    from megatron_eagle.data.pack_builder import PackInfo, assemble_pixels, image_tiles_uint8
+    from megatron_eagle.data.video import video_to_tiles
+
+    root = data["root"] / "media"
+    img = decode_image((root / "img/7.jpg").read_bytes())
+    chunks = []
+    for grid in [(1, 1), (3, 2), (2, 5)]:
+        u8 = image_tiles_uint8(img, grid, 112)
+        assert u8.dtype == torch.uint8 and torch.equal(normalize(u8), image_to_tiles(img, grid, 112))
+        chunks.append(u8)
+    ld = loader(data)
+    rec = next(r for r in load_index(data["prepared"]) if r["media"] and r["media"][0]["path"] == "vid/v0.mp4")
+    raw = ld.sources[0].reader().read_media(rec, 0)
+    frames = ld.builder._decode(raw, VideoPlan((0, 7, 20), (0.0, 0.7, 2.0)), PackInfo())
+    assert torch.equal(normalize(frames), video_to_tiles(io.BytesIO(raw), [0, 7, 20], 112)[0])
+    chunks.append(frames)
+    assert torch.equal(assemble_pixels(chunks, (3, 112, 112), "float32"), normalize(torch.cat(chunks)))
+    assert torch.equal(assemble_pixels(chunks, (3, 112, 112), "uint8"), torch.cat(chunks))

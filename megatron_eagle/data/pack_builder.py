@@ -35,7 +35,7 @@ import torch
 
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_eagle.data.ads import ImagePlan, VideoPlan, plan_sample
-from megatron_eagle.data.media import decode_image, image_to_tiles, normalize
+from megatron_eagle.data.media import IMAGE_MEAN, IMAGE_STD, decode_image, normalize
 from megatron_eagle.data.prompt import IGNORE_INDEX, tokenize_conversation
 from megatron_eagle.data.sources import DataSource
 from megatron_eagle.data.video import decode_frames
@@ -62,7 +62,8 @@ class LoaderBatch(PackedBatch):
 
 
 def normalize_pixels(batch: PackedBatch, dtype: torch.dtype = torch.float32) -> PackedBatch:
-    """uint8 pixel values -> the normalised floats the ViT expects (bit-identical to the float32 path)."""
+    """uint8 pixel values -> the normalised floats the ViT expects (bit-identical to the float32 path).
+    Run it after moving the batch to the GPU: 4x fewer bytes travel."""
     if batch.pixel_values.dtype != torch.uint8:
         return batch
     return dataclasses.replace(batch, pixel_values=normalize(batch.pixel_values).to(dtype))
@@ -191,16 +192,16 @@ class PackBuilder:
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), tiles
 
     def _decode(self, data: bytes, mp, info: PackInfo) -> torch.Tensor:
+        """Encoded medium -> uint8 tiles [n, 3, S, S] (normalised once per pack, in :meth:`build`)."""
         s = self.cfg.tile_size
         if isinstance(mp, VideoPlan):
             frames, _ = decode_frames(io.BytesIO(data), mp.frame_indices, size=(s, s))
             info.frames += len(frames)
-            x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
-            return x if self.cfg.pixel_dtype == "uint8" else normalize(x)
-        t = image_to_tiles(decode_image(data), mp.grid, s)
-        if self.cfg.pixel_dtype == "uint8":  # exact inverse of normalize() on uint8 inputs
-            t = ((t + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-        return t
+            out = torch.empty((len(frames), 3, s, s), dtype=torch.uint8)
+            for i, f in enumerate(frames):
+                out[i].copy_(torch.from_numpy(f).permute(2, 0, 1))
+            return out
+        return image_tiles_uint8(decode_image(data), mp.grid, s)
 
     # -- one pack ----------------------------------------------------------------------
     def build(self, rows: Sequence[tuple[int, int]]) -> tuple[LoaderBatch, PackInfo]:
@@ -233,10 +234,8 @@ class PackBuilder:
             subs.append((torch.full((n,), c.pad_id, dtype=torch.long), torch.full((n,), IGNORE_INDEX, dtype=torch.long)))
         pad_to = c.seq_len if c.fixed_length else c.pad_to_multiple
         shape = (3, c.tile_size, c.tile_size)
-        pb = pack_samples(subs, pixels, shape, pad_to_multiple=pad_to, pad_id=c.pad_id, weighting=c.weighting)
-        pv = pb.pixel_values
-        if pv.shape[0] == 0 and c.pixel_dtype == "uint8":
-            pv = torch.zeros((0, *shape), dtype=torch.uint8)
+        pb = pack_samples(subs, [], shape, pad_to_multiple=pad_to, pad_id=c.pad_id, weighting=c.weighting)
+        pv = assemble_pixels(pixels, shape, c.pixel_dtype)
         ctx = torch.nonzero(pb.tokens == c.image_token_id).squeeze(1)
         batch = LoaderBatch(tokens=pb.tokens, labels=pb.labels, loss_weights=pb.loss_weights,
                             position_ids=pb.position_ids, cu_seqlens=pb.cu_seqlens, pixel_values=pv,
@@ -244,6 +243,41 @@ class PackBuilder:
                             sample_ids=torch.tensor(kept, dtype=torch.long).reshape(-1, 2))
         info.build_s = time.perf_counter() - t0
         return batch, info
+
+
+def image_tiles_uint8(pil_image, grid: tuple[int, int], tile_size: int) -> torch.Tensor:
+    """:func:`megatron_eagle.data.media.image_to_tiles` before normalisation: uint8 [n, 3, S, S].
+
+    Same resize (bicubic to cols*S x rows*S), row-major tiles and thumbnail, but the tiles are cut
+    as one strided copy of the resized array (tests check equality with ``image_to_tiles``)."""
+    from PIL import Image
+
+    cols, rows = grid
+    s = tile_size
+    img = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+    big = np.array(img.resize((cols * s, rows * s), Image.BICUBIC), dtype=np.uint8)
+    n = cols * rows + (1 if cols * rows > 1 else 0)
+    out = torch.empty((n, 3, s, s), dtype=torch.uint8)
+    grid_view = torch.from_numpy(big).view(rows, s, cols, s, 3).permute(0, 2, 4, 1, 3)  # r, c, ch, y, x
+    out[:cols * rows].view(rows, cols, 3, s, s).copy_(grid_view)
+    if n > cols * rows:
+        thumb = np.array(img.resize((s, s), Image.BICUBIC), dtype=np.uint8)
+        out[-1].copy_(torch.from_numpy(thumb).permute(2, 0, 1))
+    return out
+
+
+def assemble_pixels(chunks: Sequence[torch.Tensor], shape: tuple[int, int, int], dtype: PixelDType) -> torch.Tensor:
+    """Concatenate uint8 tiles; for float32, into one buffer normalised in place with the very
+    operations of ``media.normalize`` (bit-identical, without its full-size temporaries)."""
+    n = sum(int(t.shape[0]) for t in chunks)
+    out = torch.empty((n, *shape), dtype=torch.uint8 if dtype == "uint8" else torch.float32)
+    i = 0
+    for t in chunks:
+        out[i:i + t.shape[0]].copy_(t)
+        i += t.shape[0]
+    if dtype != "uint8" and n:
+        out.div_(255.0).sub_(IMAGE_MEAN[0]).div_(IMAGE_STD[0])
+    return out
 
 
 def check_batch(batch: LoaderBatch, cfg: PackConfig) -> None:
