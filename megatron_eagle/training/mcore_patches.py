@@ -1,13 +1,19 @@
-"""One targeted fix for megatron-core 0.16.1, applied once at trainer import.
+"""Two targeted fixes for megatron-core 0.16.1, applied once at trainer import.
 
 Without apex/transformer-engine, megatron falls back to ``torch.optim.AdamW`` whose state
-has a per-parameter ``step``. The ``fully_reshardable`` DistributedOptimizer load skips
-``step`` (it restores it from the param groups later) but then copies *every* destination
-key, raising ``KeyError: 'step'``. We copy only the keys the checkpoint provides.
+has a per-parameter ``step`` tensor:
+1. The ``fully_reshardable`` DistributedOptimizer load skips ``step`` (restored from the
+   param groups later) but then copies *every* destination key, raising ``KeyError: 'step'``.
+   We copy only the keys the checkpoint provides.
+2. ``load_state_dict`` gives every parameter the *same* ``step`` tensor; AdamW increments
+   each parameter's step in place, so after a resume the shared counter advanced once per
+   parameter per step and the bias correction went wrong (found by the resume-equality test).
+   We give each parameter its own copy.
 """
 
 from __future__ import annotations
 
+import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 _ORIGINAL = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -23,8 +29,19 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
         dst[key].copy_(value)
 
 
+_ORIGINAL_LOAD = DistributedOptimizer.load_state_dict
+
+
+def _load_state_dict(self, state_dict):
+    _ORIGINAL_LOAD(self, state_dict)
+    for state in self.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
 def apply() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    DistributedOptimizer.load_state_dict = _load_state_dict
 
 
 apply()
