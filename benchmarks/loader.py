@@ -155,6 +155,80 @@ def run_tp(data: Path, seq_len: int, packs: int) -> list[dict]:
     return rows
 
 
+def _synthetic_batch(tokens: int, tiles: int, size: int, dtype: str):
+    import torch
+
+    from megatron_eagle.data.pack_builder import LoaderBatch
+
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (tiles, 3, size, size), generator=g, dtype=torch.uint8)
+    return LoaderBatch(tokens=torch.randint(0, 1000, (tokens,), generator=g), labels=torch.full((tokens,), -100),
+                       loss_weights=torch.rand(tokens, generator=g), position_ids=torch.arange(tokens),
+                       cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32),
+                       pixel_values=px if dtype == "uint8" else (px.float() / 255.0 - 0.5) / 0.5,
+                       max_seqlen=tokens, tile_positions=torch.arange(tiles) * 256,
+                       sample_ids=torch.zeros(1, 2, dtype=torch.long))
+
+
+def _nccl_rank(rank: int, world: int, port: int, tokens: int, tiles: int, size: int, repeat: int, queue) -> None:
+    """Per micro-batch GPU-side cost of each TP data mode (the CPU side is measured on the CPU box):
+    duplicate = every rank copies its own batch host->device; broadcast = rank 0 copies, NCCL sends."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_eagle.data.batch_broadcast import broadcast_batch
+    from megatron_eagle.data.pack_builder import normalize_pixels
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    dev = torch.device("cuda", rank)
+    out = {}
+    for dtype in ("float32", "uint8"):
+        for pinned in (False, True):
+            b = _synthetic_batch(tokens, tiles, size, dtype)
+            if pinned:
+                b = b.pin_memory()
+
+            def timed(fn):
+                fn()  # warm-up
+                torch.cuda.synchronize()
+                dist.barrier()
+                t = time.perf_counter()
+                for _ in range(repeat):
+                    fn()
+                torch.cuda.synchronize()
+                return (time.perf_counter() - t) / repeat
+
+            h2d = timed(lambda: normalize_pixels(b.to(dev)))
+            bc = timed(lambda: normalize_pixels(broadcast_batch(b if rank == 0 else None, 0, dist.group.WORLD)[0]))
+            got = broadcast_batch(b if rank == 0 else None, 0, dist.group.WORLD)[0]  # rank 1 regenerates b
+            ok = all(torch.equal(getattr(got, f).cpu(), getattr(b, f)) for f in ("pixel_values", "tokens", "labels",
+                                                                                  "loss_weights", "cu_seqlens"))
+            mb = b.pixel_values.numel() * b.pixel_values.element_size() / 1e6
+            out[f"{dtype}{'_pinned' if pinned else ''}"] = {"pixel_mb": round(mb, 1), "h2d_ms": round(h2d * 1e3, 2),
+                                                            "broadcast_ms": round(bc * 1e3, 2), "identical": ok}
+    queue.put((rank, out))
+    dist.destroy_process_group()
+
+
+def run_nccl(tokens: int, tiles: int, size: int, repeat: int = 5) -> dict:
+    import torch.multiprocessing as mp
+
+    from tests.dist import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_nccl_rank, args=(r, 2, port, tokens, tiles, size, repeat, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=32768)
@@ -162,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-tp", action="store_true", help="skip the duplicate-vs-broadcast run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--nccl", type=int, nargs=3, metavar=("TOKENS", "TILES", "SIZE"),
+                    help="only the GPU part: 2 GPUs, synthetic micro-batches of this size (e.g. 32768 118 448)")
     args = ap.parse_args(argv)
+    if args.nccl:
+        res = run_nccl(*args.nccl)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 

@@ -60,6 +60,11 @@ class LoaderBatch(PackedBatch):
     def num_samples(self) -> int:
         return int(self.sample_ids.shape[0])
 
+    def pin_memory(self) -> "LoaderBatch":
+        """Page-locked copy (DataLoader ``pin_memory=True`` calls this) for async host-to-device copies."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory()
+                                            for f in dataclasses.fields(self) if f.name != "max_seqlen"})
+
 
 def normalize_pixels(batch: PackedBatch, dtype: torch.dtype = torch.float32) -> PackedBatch:
     """uint8 pixel values -> the normalised floats the ViT expects (bit-identical to the float32 path).
