@@ -8,7 +8,7 @@ import signal
 import pytest
 import yaml
 
-from tests.train_fixtures import build_assets, losses, records, run_dir, train, train_until, write_run
+from tests.train_fixtures import build_assets, losses, records, run_dir, run_single, train, train_until, write_run
 
 TWO_STAGES = [  # stage 1: connector only, DP=2; stage 2: full model, longer, TP=2
     {"name": "connector", "seq_len": 512, "trainable": ["connector"], "steps": 3,
@@ -99,11 +99,12 @@ def test_nonfinite_steps_are_skipped_then_too_many_stop(assets, tmp_path):
     recs = records(run)
     assert [r["updated"] for r in recs] == [True, False, True, True, True, True]
     assert recs[-1]["skipped"] == 1
-    assert recs[1]["lr"] == recs[2]["lr"]  # the schedule does not advance on a skipped step
+    assert recs[2]["lr"] == recs[1]["lr"] != recs[0]["lr"]  # a skipped step does not advance the LR
 
     run = write_run(tmp_path / "many", assets, [dict(s) for s in stage],
                     {"inject_nonfinite_steps": [2, 3], "max_consecutive_skips": 2})
-    r = train(1, run, expect_rc=3)
+    r = run_single(run)
+    assert r.returncode == 3
     assert "2 consecutive steps with a non-finite" in r.stdout
     assert (run_dir(run) / "checkpoints" / "latest").exists()
 
@@ -111,6 +112,7 @@ def test_nonfinite_steps_are_skipped_then_too_many_stop(assets, tmp_path):
 def test_impossible_layout_is_refused_before_training(assets, tmp_path):
     stage = [{"name": "full", "seq_len": 512, "steps": 2, "parallel": {"tp": 3}}]
     run = write_run(tmp_path, assets, stage)
-    r = train(1, run, expect_rc=2)
+    r = run_single(run)  # a single process without torchrun: the trainer's own exit code
+    assert r.returncode == 2
     assert "config error" in r.stdout and "tp" in r.stdout and "Fix:" in r.stdout
     assert not (run_dir(run) / "metrics.jsonl").exists()

@@ -73,6 +73,12 @@ def train(nproc: int, run_yaml: Path, overrides: list[str] = (), expect_rc: int 
     return r
 
 
+def run_single(run_yaml: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`megatron-eagle train` as one plain process (world size 1, no launcher)."""
+    cmd = [sys.executable, "-m", "megatron_eagle.cli", "train", "--config", str(run_yaml)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def train_until(nproc: int, run_yaml: Path, global_step: int, sig: int, timeout: float = 400) -> int:
     """Start training; once ``global_step`` is logged, SIGKILL the whole process group, or send
     another signal twice to each training process (as srun/scancel deliver it), not to torchrun."""

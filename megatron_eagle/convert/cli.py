@@ -51,7 +51,54 @@ def register(subparsers) -> None:
     r.add_argument("--max-shard-size", default="5GB")
     r.add_argument("--dtype", default=None, help="stored dtype (default: the checkpoint's)")
     r.set_defaults(func=run_roundtrip)
+    th = sub.add_parser("to-hf", help="training checkpoint (any layout) -> HF Eagle 2.5 dir")
+    th.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints/iter_N, or a run dir (latest)")
+    th.add_argument("--out", required=True)
+    th.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one the run used)")
+    th.add_argument("--max-shard-size", default="5GB")
+    th.add_argument("--dtype", default=None, help="stored dtype (default: the checkpoint's)")
+    th.add_argument("--tp", type=int, default=1)
+    th.add_argument("--pp", type=int, default=1)
+    th.set_defaults(func=run_to_hf)
+
+    fh = sub.add_parser("from-hf", help="HF dir(s) -> a checkpoint that `train` can start from")
+    fh.add_argument("--hf", default=None, help="Eagle 2.5 HF dir")
+    fh.add_argument("--vision", default=None, help="SigLIP HF dir (with --llm)")
+    fh.add_argument("--llm", default=None, help="Qwen2.5 HF dir (with --vision)")
+    fh.add_argument("--out", required=True, help="checkpoint root to write (iter_0000000 + latest)")
+    fh.add_argument("--tp", type=int, default=1)
+    fh.add_argument("--pp", type=int, default=1)
+    fh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    fh.set_defaults(func=run_from_hf)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_to_hf(args) -> int:
+    _quiet_transformers()
+    from megatron_eagle.convert.checkpoint_io import checkpoint_to_hf
+
+    out = checkpoint_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_size, args.dtype, args.tp, args.pp)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"wrote HF Eagle 2.5 checkpoint to {out}")
+    return 0
+
+
+def run_from_hf(args) -> int:
+    _quiet_transformers()
+    if bool(args.hf) == bool(args.vision or args.llm) or bool(args.vision) != bool(args.llm):
+        print("error: give --hf DIR, or both --vision DIR and --llm DIR", file=sys.stderr)
+        return 2
+    from megatron_eagle.convert.checkpoint_io import hf_to_checkpoint
+
+    source = args.hf if args.hf else (args.vision, args.llm)
+    path = hf_to_checkpoint(source, args.out, args.tp, args.pp, args.dtype)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"wrote checkpoint {path} (start a run from it with init.checkpoint: {args.out})")
+    return 0
 
 
 def run_verify(args) -> int:

@@ -27,6 +27,8 @@ from megatron_eagle.models.loss import chunked_weighted_ce, full_logits
 from megatron_eagle.models.specs import llm_block_spec
 from megatron_eagle.models.transformer_configs import llm_transformer_config, vision_transformer_config
 from megatron_eagle.models.vision import SiglipVisionModel
+from megatron_eagle.parallel.groups import build_cp_context
+from megatron_eagle.parallel.model_forward import cp_forward
 
 
 def packed_seq_params(batch: PackedBatch) -> PackedSeqParams:
@@ -58,10 +60,20 @@ class EagleModel(MegatronModule):
             post_process=post_process, share_embeddings_and_output_weights=model.llm.tie_embeddings,
             position_embedding_type="rope", rotary_base=model.llm.rope_theta,
             scatter_embedding_sequence_parallel=False)
+        # Context parallelism (cp > 1): zigzag split, CP attention, vision DP inside the CP group.
+        self.cp_ctx = build_cp_context(parallel, model.llm.num_heads, backend) if parallel.cp > 1 else None
 
     # -- pipeline plumbing -------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
+
+    # megatron's finalize_model_grads syncs tied embedding grads across PP stages through these.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
 
     # -- forward -----------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -93,6 +105,8 @@ class EagleModel(MegatronModule):
     def forward(self, batch: PackedBatch, return_hidden: bool = False) -> torch.Tensor:
         """Loss Σ w·CE on the last stage (or final hidden [T, H] if ``return_hidden``);
         the activations for the next stage elsewhere."""
+        if self.cp_ctx is not None:
+            return cp_forward(self, batch, return_hidden)
         decoder_input = self.embed(batch.tokens, batch.pixel_values) if self.pre_process else None
         rotary = self.language_model.rotary_pos_emb(batch.max_seqlen, packed_seq=True)
         hidden = self.language_model.decoder(hidden_states=decoder_input, attention_mask=None,

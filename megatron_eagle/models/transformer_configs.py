@@ -84,6 +84,7 @@ def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelC
         gated_linear_unit=True,
         activation_func=F.silu,
         variable_seq_lengths=parallel.pp > 1,  # packs differ in length: p2p sends shapes first
+        moe_token_dispatcher_type="alltoall",  # (dense model; megatron requires it with the above)
         **_recompute(model.recompute_llm),
         **_common(parallel, model),
     )

@@ -25,12 +25,17 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # torch's fused (single-kernel) AdamW instead of its multi-tensor foreach path, where the
+    # master params live on CUDA (megatron falls back to torch.optim.AdamW without apex/TE).
+    fused_adam: bool = True
+    # Gradient buffers (and DP reduction) in fp32; False halves their memory (bf16 grads).
+    grad_reduce_in_fp32: bool = True
 
 
 def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> DistributedDataParallel:
     """Wrap one model chunk in megatron-core DDP (contiguous fp32 grad buffers)."""
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
         overlap_grad_reduce=optim.overlap_grad_reduce and torch.cuda.is_available(),
         overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
         use_distributed_optimizer=optim.use_distributed_optimizer,
@@ -49,7 +54,29 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, b
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
     )
-    return get_megatron_optimizer(cfg, chunks)
+    optimizer = get_megatron_optimizer(cfg, chunks)
+    if optim.fused_adam:
+        use_fused_adamw(optimizer)
+    return optimizer
+
+
+def use_fused_adamw(optimizer, require_cuda: bool = True) -> int:
+    """Switch megatron's inner ``torch.optim.AdamW`` to ``fused=True`` where all its params are on
+    CUDA. Returns how many inner optimizers were switched. The flag is per param group, so a
+    checkpoint restores whichever path it was saved with."""
+    switched = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if not params or not all((p.is_cuda or not require_cuda) and p.is_floating_point() for p in params):
+            continue
+        for group in [inner.defaults, *inner.param_groups]:
+            group["fused"], group["foreach"] = True, False
+        inner._step_supports_amp_scaling = True
+        switched += 1
+    return switched
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:

@@ -44,6 +44,8 @@ class TrainSection:
     wandb_project: Optional[str] = None
     # Stop cleanly (save, exit 0) after this many steps in this launch: time-boxed jobs, tests.
     stop_after_steps: Optional[int] = None
+    # Train only this stage (one job of a Slurm chain): it must be the run's next stage; exit 0 after it.
+    only_stage: Optional[str] = None
     # Testing aid: make the loss non-finite at these global steps (exercises the skip guard).
     inject_nonfinite_steps: list[int] = field(default_factory=list)
 

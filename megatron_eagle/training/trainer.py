@@ -59,7 +59,11 @@ class Trainer:
         self.cfg = cfg
         self.rt = init_distributed()
         self.world = self.rt.world_size
-        self.curriculum = load_curriculum(cfg.curriculum, self.world)
+        only = cfg.train.only_stage
+        self.curriculum = load_curriculum(cfg.curriculum, None if only else self.world)
+        names = [s.name for s in self.curriculum.stages]
+        if only and only not in names:
+            raise ConfigError("train.only_stage", f"no stage named {only!r}", f"use one of {names}")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         cfg.model.image_token_id = special_token_ids(self.tokenizer)["img_context"]
         if len(self.tokenizer) > cfg.model.llm.vocab_size:
@@ -68,7 +72,9 @@ class Trainer:
         if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.rt.is_cuda):
             cfg.model.params_dtype = "bfloat16"
         for stage in self.curriculum.stages:  # refuse impossible layouts before the first step
-            check_stage_layout(cfg, stage, self.world)
+            if not only or stage.name == only:
+                stage.layout(self.world)
+                check_stage_layout(cfg, stage, self.world)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_rank0 = self.rt.rank == 0
@@ -159,8 +165,20 @@ class Trainer:
     def run(self) -> int:
         """Train every remaining stage. Returns the process exit code (0 also after preemption)."""
         index, weights = self._first_stage_weights()
+        stages, end = self.curriculum.stages, len(self.curriculum.stages)
         try:
-            while index < len(self.curriculum.stages):
+            if self.cfg.train.only_stage:  # one stage of a chain: the run's next stage, nothing after it
+                end = [s.name for s in stages].index(self.cfg.train.only_stage) + 1
+                if index >= end:
+                    if self.is_rank0:
+                        print(f"stage {stages[end - 1].name} is already done", flush=True)
+                    return 0
+                if index < end - 1:
+                    raise ConfigError("train.only_stage", f"stage {stages[end - 1].name} is not the run's next "
+                                      f"stage: {self.ckpt_root} ends before stage {stages[index].name}",
+                                      f"train stage {stages[index].name} first (train.only_stage="
+                                      f"{stages[index].name})")
+            while index < end:
                 ctx = self._build_stage(index, weights)
                 status = self._run_stage(ctx)
                 ctx.loader.close()
@@ -176,7 +194,8 @@ class Trainer:
             self.metrics.close()
             self.preempt.restore()
         if self.is_rank0:
-            print(f"training finished: {self.global_step} steps, checkpoints in {self.ckpt_root}", flush=True)
+            what = f"stage {stages[end - 1].name}" if end < len(stages) else "training"
+            print(f"{what} finished: {self.global_step} steps, checkpoints in {self.ckpt_root}", flush=True)
         return 0
 
     def _run_stage(self, ctx: StageContext) -> str:
@@ -243,6 +262,7 @@ class Trainer:
         loss = vec[0].item() / max(vec[1].item(), 1.0)
 
         updated, grad_norm = False, float("nan")
+        lr = ctx.optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after)
         if math.isfinite(loss):
             updated, grad_norm = guarded_optimizer_step(ctx.optimizer, cfg.optim.clip_grad)
         if updated:
@@ -258,7 +278,7 @@ class Trainer:
         tokens_total = vec[2].item()
         mfu = vec[3].item() / (elapsed * self.world * cfg.train.peak_tflops * 1e12)
         record = dict(stage=ctx.stage.name, step=ctx.step, global_step=self.global_step, loss=loss,
-                      grad_norm=grad_norm, lr=ctx.optimizer.param_groups[0]["lr"], tokens=int(tokens_total),
+                      grad_norm=grad_norm, lr=lr, tokens=int(tokens_total),
                       tokens_per_s=tokens_total / elapsed, mfu=mfu, loader_wait_s=vec[6].item() / self.world,
                       peak_mem_gib=peak_memory_gib(), skipped=self.skipped_total, step_time_s=elapsed,
                       updated=updated)
@@ -279,7 +299,8 @@ class Trainer:
         meta = dict(stage_index=ctx.index, stage=ctx.stage.name, step_in_stage=ctx.step, stage_done=stage_done,
                     global_step=self.global_step, skipped_total=self.skipped_total,
                     consecutive_skips=self.consecutive_skips, loader=ctx.loader.state_dict(),
-                    scheduler=ctx.scheduler.state_dict(), model=dataclasses.asdict(ctx.model_cfg))
+                    scheduler=ctx.scheduler.state_dict(), model=dataclasses.asdict(ctx.model_cfg),
+                    tokenizer=self.cfg.tokenizer)
         save_checkpoint(self.ckpt_root, self.global_step, [ctx.ddp], ctx.optimizer, meta,
                         keep_last=self.cfg.train.keep_last)
         self.last_save_time = time.time()

@@ -1,0 +1,93 @@
+"""Training checkpoints <-> HF Eagle 2.5 directories.
+
+``checkpoint_to_hf``: a dist checkpoint of any TP/PP/DP layout -> HF dir (sharded safetensors
+with an index, tokenizer, preprocessor config). megatron's dist_checkpointing reshards on load,
+so the export runs at whatever layout it is launched with (one process by default), streaming
+tensor by tensor. ``hf_to_checkpoint``: an HF dir (or SigLIP + Qwen2.5 dirs) -> a checkpoint
+that ``train`` can start from (``init.checkpoint``) at any layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_eagle.config import ModelConfig, ParallelConfig, from_dict
+
+
+def _model_config(meta: dict) -> ModelConfig:
+    cfg = from_dict(ModelConfig, meta["model"])
+    cfg.freeze = from_dict(type(cfg.freeze), {})
+    return cfg
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir / checkpoints root holding a ``latest`` pointer."""
+    from megatron_eagle.training.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "meta.json").exists():
+        return p
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: no checkpoint (no meta.json and no `latest` pointer)")
+
+
+def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) -> None:
+    """Tiling and normalisation parameters the model was trained with (Eagle 2.5 processor keys)."""
+    proc = {
+        "processor_class": "Eagle2_5_VLProcessor", "image_processor_type": "Eagle2_5_VLImageProcessor",
+        "tile_size": cfg.vision.image_size, "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
+        "max_dynamic_tiles": max_tiles, "min_dynamic_tiles": 1, "use_thumbnail": True,
+        "tiling_method": "image_area_preservation", "tokens_per_tile": cfg.tokens_per_tile,
+        "downsample_ratio": cfg.downsample_ratio, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "video_fps": 2.0, "video_frame_tiles": 1,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+
+
+def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
+                     max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1) -> Path:
+    """Export a training checkpoint to an HF Eagle 2.5 dir (every rank calls it)."""
+    from megatron_eagle.convert.load import export_model_to_hf, init_process_groups
+    from megatron_eagle.models.eagle import build_model
+    from megatron_eagle.training.checkpoint import load_checkpoint, read_meta
+
+    path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    cfg = _model_config(meta)
+    init_process_groups(tp, pp)
+    model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
+    load_checkpoint(path, [model], None, load_optimizer=False)
+    tok = tokenizer_dir or meta.get("tokenizer")
+    export_model_to_hf(model, out_dir, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
+    if dist.get_rank() == 0:
+        write_preprocessor_config(Path(out_dir), cfg)
+    dist.barrier()
+    return Path(out_dir)
+
+
+def hf_to_checkpoint(source, out_root: str | Path, tp: int = 1, pp: int = 1,
+                     params_dtype: str = "float32") -> Path:
+    """Write an HF Eagle dir (or (siglip_dir, qwen2_dir)) as a checkpoint `train` can start from."""
+    from megatron_eagle.convert.load import init_process_groups, load_hf_into_model, model_config_from_source
+    from megatron_eagle.models.eagle import build_model
+    from megatron_eagle.training.checkpoint import save_checkpoint
+
+    cfg = model_config_from_source(source, params_dtype=params_dtype)
+    init_process_groups(tp, pp)
+    model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
+    load_hf_into_model(model, source, cfg)
+    import dataclasses
+
+    tok = source if isinstance(source, (str, Path)) else source[1]
+    meta = dict(stage_index=-1, stage="from-hf", step_in_stage=0, stage_done=True, global_step=0,
+                skipped_total=0, consecutive_skips=0, model=dataclasses.asdict(cfg), tokenizer=str(tok))
+    with torch.no_grad():
+        return save_checkpoint(out_root, 0, [model], None, meta, keep_last=0)
