@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, str] = {
     "reshard": "megatron_eagle.data.reshard",
     "plan": "megatron_eagle.data.plan_cli",
     "train": "megatron_eagle.training.cli",
+    "submit": "megatron_eagle.launch.cli",
+    "status": "megatron_eagle.launch.status",
 }
 
 

@@ -175,7 +175,7 @@ class Trainer:
                     return 0
                 if index < end - 1:
                     raise ConfigError("train.only_stage", f"stage {stages[end - 1].name} is not the run's next "
-                                      f"stage: {self.ckpt_root} ends before stage {stages[index].name}",
+                                      f"stage: {self.ckpt_root} continues with stage {stages[index].name}",
                                       f"train stage {stages[index].name} first (train.only_stage="
                                       f"{stages[index].name})")
             while index < end:
