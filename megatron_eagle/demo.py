@@ -84,7 +84,7 @@ def main(out: Path = REPO / "runs" / "demo") -> int:
     if not (data / "train.jsonl").exists():
         print("==> making the synthetic dataset (colours, shapes, counts; images and H.264 videos)", flush=True)
         make_synthetic_dataset(data, num_samples=320, video_fraction=0.2, seed=0)
-        make_synthetic_dataset(data, num_samples=6, video_fraction=0.0, seed=1, name="heldout.jsonl")
+        make_synthetic_dataset(data, num_samples=4, video_fraction=0.0, seed=1, name="heldout.jsonl")
     if not (hf_init / "config.json").exists():
         _run(_cli("convert", "make-tiny", "--out", str(hf_init)), "tiny random HF Eagle 2.5 init + tokenizer")
     _run(_cli("prepare", "--input", str(data / "train.jsonl"), "--media-root", str(data / "media"),
