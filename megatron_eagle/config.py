@@ -94,6 +94,8 @@ class ParallelConfig:
     cp: int = 1
     sp: bool = False
     cp_variant: Literal["ring", "allgather", "ulysses", "hybrid"] = "allgather"
+    # hybrid only: Ulysses degree U inside a node (cp = U x ring); 0 = gcd(heads per TP rank, cp), capped per node
+    cp_ulysses: int = 0
 
 
 @dataclass
@@ -302,6 +304,10 @@ def validate(cfg: EagleConfig, world_size: Optional[int] = None) -> None:
     if m.llm.vocab_size % p.tp:
         raise ConfigError("model.llm.vocab_size", f"not divisible by parallel.tp={p.tp}",
                           "pad the vocabulary to a multiple of tp")
+    if p.cp > 1:
+        from megatron_eagle.parallel.groups import ulysses_degree
+
+        ulysses_degree(p, m.llm.num_heads, local_gpus=1 << 30)  # raises ConfigError naming the fix
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp", "sequence parallel needs tp > 1", "set parallel.sp=false or parallel.tp>1")
     if world_size is not None:

@@ -6,7 +6,8 @@ and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
 - GPU, THD: torch's varlen flash attention (``torch.nn.attention.varlen``) when present;
 - GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
   (memory O(max_len²) per segment at worst, never O(total²)).
-Context parallelism wraps this module's kernels; the CP group arrives via ``pg_collection``.
+With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the
+configured CP variant of :mod:`megatron_eagle.parallel.cp_attention` instead.
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ class PackedCoreAttention(MegatronModule):
         causal = self.causal if attn_mask_type is None else attn_mask_type in (
             AttnMaskType.causal, AttnMaskType.padding_causal)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            layout = getattr(packed_seq_params, "cp_layout", None)
+            if layout is not None:  # context parallel: this rank's zigzag share of the pack
+                from megatron_eagle.parallel.cp_attention import cp_attention
+
+                assert causal, "context parallelism is for the causal LLM only"
+                out = cp_attention(query, key, value, layout, self.softmax_scale, self.backend)
+                return out.reshape(out.shape[0], -1)
+            cp = getattr(self.pg_collection, "cp", None) if self.pg_collection is not None else None
+            if cp is not None and self.config.context_parallel_size > 1:
+                raise RuntimeError("context_parallel_size > 1 but the packed batch was not CP-split; run the "
+                                   "model through EagleModel.forward (it splits packs with parallel/cp_split.py)")
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
