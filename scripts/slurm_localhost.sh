@@ -43,8 +43,12 @@ install_packages() {
   if [ "$created" = 1 ]; then rm -f "$policy"; fi
 }
 
-alive() {  # alive PIDFILE: the pidfile names a running process
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the pidfile names a running daemon of that name (not a reused PID)
+  local pid name
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  name=$(basename "$1" .pid)
+  kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
 }
 
 write_config() {

@@ -155,7 +155,6 @@ def run_script(script: str, tmp: Path, srun_rc: int = 0, meta: dict | None = Non
     _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp}/srun.argv\necho srun >> {calls}\nexit {srun_rc}\n')
     _stub(bin_dir, "scontrol", f'echo "scontrol $*" >> {calls}\n[ "$1" = show ] && echo localhost\nexit 0\n')
     _stub(bin_dir, "scancel", f'echo "scancel $*" >> {calls}\n')
-    _stub(bin_dir, "sleep", "")
     if meta is not None:
         ck = Path(yaml.safe_load(script.split("RUN_DIR=", 1)[1].split("\n", 1)[0]))
         (ck / "checkpoints" / "iter_0000005").mkdir(parents=True, exist_ok=True)
@@ -316,12 +315,21 @@ def test_dockerfile_parses():
             assert isinstance(json.loads(rest), list), rest
 
 
-def test_eagle_recipe_submits_per_stage(tmp_path):
-    """The example's run.yaml + submit.sh commands render a valid chain (dry-run)."""
+def test_eagle_recipe_submits_per_stage():
+    """examples/eagle2.5-8b/submit.sh renders a valid five-job chain (dry-run) from its run.yaml."""
     recipe = REPO / "examples" / "eagle2.5-8b"
-    cmds = [l for l in (recipe / "submit.sh").read_text().splitlines() if l.startswith("megatron-eagle submit")]
-    assert cmds, "submit.sh lists no submit command"
-    r = cli("submit", "--config", str(recipe / "run.yaml"), "--nodes", "32", "--gpus-per-node", "8",
-            "--stage-nodes", "stage1=16", "--dry-run")
+    env = dict(os.environ, PYTHONPATH=str(REPO), MEGATRON_EAGLE=f"{sys.executable} -m megatron_eagle.cli")
+    r = subprocess.run(["bash", str(recipe / "submit.sh"), "--dry-run"], capture_output=True, text=True, env=env,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("#!/bin/bash") == 5
+    scripts = r.stdout.split("# ===== ")[1:-1]
+    assert len(scripts) == 5
+    for name, nodes, layout in (("stage1", 16, "tp=1 pp=1 cp=1"), ("stage1.5", 32, "tp=2 pp=1 cp=1"),
+                                ("stage2", 32, "tp=2 pp=1 cp=1"), ("stage3", 32, "tp=2 pp=1 cp=2"),
+                                ("stage4", 32, "tp=2 pp=1 cp=4")):
+        script = next(s for s in scripts if s.startswith(f"eagle-{name}:"))
+        assert f"#SBATCH --nodes={nodes}\n" in script and f"{name}: {layout}" in script
+        assert f"--set train.only_stage={name} &" in script
+        subprocess.run(["bash", "-n"], input=script.split("\n", 1)[1], text=True, check=True)
+    assert "recompute_llm=full" in next(s for s in scripts if s.startswith("eagle-stage4:"))
+    assert "recompute" not in next(s for s in scripts if s.startswith("eagle-stage1:"))

@@ -340,9 +340,12 @@ target_done() {  # the run's latest checkpoint finished TARGET_STAGE (meta.json 
   [ "$2" -gt "$TARGET_INDEX" ] || { [ "$2" -eq "$TARGET_INDEX" ] && [ "$1" = true ]; }
 }
 
+SRUN_DONE=0
 on_signal() {  # a signal for the batch shell: pass it to the training tasks, not to srun
-  echo "batch shell got $1: signalling the job's steps"
-  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true
+  if [ "$SRUN_DONE" = 0 ]; then  # in the background: scancel retries while Slurm ends the job
+    echo "batch shell got $1: signalling the job's steps"
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null &
+  fi
 }
 trap 'on_signal TERM' TERM
 trap 'on_signal USR1' USR1
@@ -352,6 +355,7 @@ _TAIL = r'''SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done  # a trapped signal ends `wait` early
 wait "$SRUN_PID"
 rc=$?
+SRUN_DONE=1
 event end "$rc"
 if [ "$rc" -ne 0 ] && [ "$rc" -ne "$SIGNAL_RC" ]; then
   echo "training failed: srun exited with $rc"
@@ -371,8 +375,7 @@ if ! scontrol requeue "$SLURM_JOB_ID"; then
   echo "scontrol requeue failed"
   exit 1
 fi
-sleep 2  # Slurm ends the job now; it resumes from the latest checkpoint when it runs again
-exit 0'''
+exit 0  # the requeued job resumes from the latest checkpoint'''
 
 
 def chain_commands(jobs: list[Job], scripts: list[str], after: Optional[str] = None) -> list[list[str]]:
