@@ -3,7 +3,9 @@
 Replaces megatron-core's local ``DotProductAttention``, which cannot take packed sequences
 and materialises a full [s, s] score matrix. Attention is causal within each sub-sample
 and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
-- GPU, THD: torch's varlen flash attention (``torch.nn.attention.varlen``) when present;
+- GPU, THD: FlashAttention-2's varlen kernel (``aten::_flash_attention_forward``, differentiable),
+  with GQA handled inside the kernel (no repeated K/V heads); ``torch.nn.attention.varlen`` as
+  a fallback (its keywords differ across torch versions);
 - GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
   (memory O(max_len²) per segment at worst, never O(total²)).
 With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the
@@ -13,6 +15,7 @@ configured CP variant of :mod:`megatron_eagle.parallel.cp_attention` instead.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -43,19 +46,53 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return out
 
 
+# Pass K/V with fewer heads than Q straight to the flash kernel (GQA inside the kernel). Switched
+# off only if a GPU check finds the kernel wrong for GQA inputs; then K/V heads are repeated.
+GQA_NATIVE = True
+_ATEN_FLASH_OK: Optional[bool] = None  # None: untried; False: failed once, use the fallbacks
+
+
+def _flash_device(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _aten_flash(q, k, v, cu, max_seqlen, causal, scale):
+    """aten's FlashAttention-2 varlen forward; output [t, h, d] (its LSE etc. are dropped)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, causal, False,
+                                                   scale=scale)[0]
+
+
 def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  max_seqlen: int, causal: bool, scale: float) -> Optional[torch.Tensor]:
-    """torch's varlen flash kernel (GPU only); None when unavailable for these inputs."""
-    if _varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    """Packed flash attention (GPU only); None when no flash kernel takes these inputs."""
+    global _ATEN_FLASH_OK
+    if not _flash_device(q) or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     cu = cu_seqlens.to(torch.int32)
+    if q.shape[1] != k.shape[1] and not GQA_NATIVE:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if _ATEN_FLASH_OK is not False:
+        try:
+            out = _aten_flash(q, k, v, cu, max_seqlen, causal, scale)
+            _ATEN_FLASH_OK = True
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except (AttributeError, RuntimeError, TypeError) as e:  # op missing or refusing these inputs
+            if _ATEN_FLASH_OK:
+                raise
+            _ATEN_FLASH_OK = False
+            warnings.warn(f"aten flash varlen attention unavailable ({e}); using torch.nn.attention.varlen")
+    if _varlen_attn is None:
+        return None
     if q.shape[1] != k.shape[1]:  # not every torch version takes enable_gqa: expand kv heads
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     try:
         return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
                             window_size=(-1, 0) if causal else (-1, -1))
-    except TypeError:  # torch 2.11: is_causal keyword instead of window_size
+    except TypeError:  # is_causal keyword instead of window_size
         return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, is_causal=causal, scale=scale)
 
 

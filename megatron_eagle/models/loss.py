@@ -1,9 +1,9 @@
 """Weighted cross-entropy on supervised tokens without the full [tokens × vocab] logits.
 
 Only supervised positions are projected. They are processed in chunks; each chunk's
-fp32 logits live only inside an activation checkpoint, so peak memory is one chunk's
-logits (forward) and backward recomputes them. Logits are vocab-parallel under TP and
-reduced by megatron-core's ``vocab_parallel_cross_entropy``.
+logits (GEMM in the weights' dtype, cross-entropy in fp32) live only inside an activation
+checkpoint, so peak memory is one chunk's logits (forward) and backward recomputes them.
+Logits are vocab-parallel under TP and reduced by megatron-core's ``vocab_parallel_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = torch.matmul(hidden.float(), weight.float().t())  # [c, V/tp]
+    # The GEMM runs in the weights' dtype (bf16: tensor cores, fp32 accumulation), the softmax in
+    # fp32. An fp32 GEMM here runs off the tensor cores and copies the whole [V, H] weight to fp32
+    # for every chunk (BENCHMARKS.md, issue 8, measures both).
+    logits = torch.matmul(hidden.to(weight.dtype), weight.t()).float()  # [c, V/tp]
     return tensor_parallel.vocab_parallel_cross_entropy(logits.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
 
 

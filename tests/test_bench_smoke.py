@@ -1,0 +1,190 @@
+"""The training-throughput benchmark (issue 8) end to end on the tiny preset, plus the pieces of
+the GPU path it measures that also run on a CPU: packed GQA dispatch, the LM-head GEMM dtype,
+and the fused-AdamW switch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+
+
+def _bench(rank, world, out):
+    from benchmarks.train_throughput import main
+
+    main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
+          "--variants", "hf", "hf+nomask", "ours", "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam",
+          "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
+    return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
+
+
+def test_benchmark_smoke_tiny(tmp_path):
+    out = tmp_path / "tt.json"
+    runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
+    assert [r["ours_variant"] for r in runs] == ["ours", "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam"]
+    for r in runs:
+        for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
+                    "hf_mfu", "ours_peak_gib", "hf_peak_gib"):
+            assert key in r, key
+        assert r["date"] == "2026-11-26" and r["preset"] == "tiny" and r["seq_len"] == 192
+        assert r["ours_status"] == r["hf_status"] == "ok", r
+        assert r["ours_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 and r["hf_nomask_tokens_per_s"] > 0
+        assert r["ours_mfu"] > 0 and r["speedup_vs_hf"] > 0
+        ph = r["ours_phases_ms"]
+        assert all(ph[k] is not None and ph[k] >= 0 for k in ("vit_fwd", "llm_fwd", "llm_bwd", "optimizer"))
+        assert abs(sum(v for k, v in ph.items() if k != "total") - ph["total"]) < 1e-6 * max(ph["total"], 1)
+    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours",
+                                           "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam"}
+    for r in raw:  # same packs, random init: every side starts near ln(vocab)
+        assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]
+
+
+def test_make_pack_is_exact_and_consistent():
+    from benchmarks.train_throughput import make_pack
+    from megatron_eagle.config import preset_model_config
+
+    for preset, seq in (("tiny", 256), ("eagle2.5-2b", 8192), ("eagle2.5-2b", 32768)):
+        cfg = preset_model_config(preset)
+        for seed in range(3):
+            p = make_pack(cfg, seq, seed)
+            b = p.batch
+            assert b.num_tokens == seq == sum(p.lens) and b.cu_seqlens[-1] == seq
+            assert [int(x) for x in b.cu_seqlens[1:] - b.cu_seqlens[:-1]] == p.lens
+            assert int((b.tokens == cfg.image_token_id).sum()) == p.tiles * cfg.tokens_per_tile
+            assert b.pixel_values.shape[0] == p.tiles
+            assert 0 < p.supervised < seq and not bool((b.labels == cfg.image_token_id).any())
+            assert abs(float(b.loss_weights.sum()) - 1.0) < 1e-4
+
+
+def test_parse_variant():
+    from benchmarks.train_throughput import parse_variant
+
+    v = parse_variant("ours+rc-vit+rc-llm-12+swiglu+foreach-adam")
+    assert (v.recompute_vision, v.recompute_llm, v.recompute_llm_layers, v.swiglu, v.fused_adam) == \
+        ("full", "full", 12, True, False)
+    assert not parse_variant("hf+nomask").doc_mask
+    with pytest.raises(ValueError):
+        parse_variant("ours+warp-speed")
+
+
+# ----------------------------------------------------------------------------- GPU-path pieces on CPU
+
+def _qkv(t=40, h=4, kv=2, d=16, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, n, d, generator=g, dtype=torch.float32).to(dtype) for n in (h, kv, kv)]
+
+
+def test_varlen_flash_passes_gqa_heads_unrepeated(monkeypatch):
+    from megatron_eagle.models import attention
+
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 7, 8, 30, 40], dtype=torch.int32)
+    seen = []
+
+    def fake(q_, k_, v_, cu_, max_seqlen, causal, scale):
+        seen.append((k_.shape[1], v_.shape[1], cu_.dtype, max_seqlen, causal))
+        return attention.segment_sdpa(q_, k_, v_, cu_, causal, scale)
+
+    monkeypatch.setattr(attention, "_flash_device", lambda t: True)
+    monkeypatch.setattr(attention, "_aten_flash", fake)
+    monkeypatch.setattr(attention, "_ATEN_FLASH_OK", None)
+    ref = attention.segment_sdpa(q, k, v, cu, True, 0.25)
+    out = attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
+    assert seen[-1] == (2, 2, torch.int32, 22, True)  # K/V heads not repeated
+    torch.testing.assert_close(out, ref)
+    monkeypatch.setattr(attention, "GQA_NATIVE", False)
+    out = attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
+    assert seen[-1][:2] == (4, 4)
+    torch.testing.assert_close(out, ref)
+
+
+def test_varlen_flash_falls_back_when_aten_kernel_refuses(monkeypatch):
+    from megatron_eagle.models import attention
+
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 20, 40], dtype=torch.int32)
+    calls = []
+
+    def refuse(*a, **k):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    def varlen(q_, k_, v_, cq, ck, mq, mk, scale=None, window_size=(-1, -1)):
+        calls.append((k_.shape[1], window_size))
+        return attention.segment_sdpa(q_, k_, v_, cq, window_size == (-1, 0), scale)
+
+    monkeypatch.setattr(attention, "_flash_device", lambda t: True)
+    monkeypatch.setattr(attention, "_aten_flash", refuse)
+    monkeypatch.setattr(attention, "_varlen_attn", varlen)
+    monkeypatch.setattr(attention, "_ATEN_FLASH_OK", None)
+    with pytest.warns(UserWarning):
+        out = attention.varlen_flash(q, k, v, cu, 20, True, 0.25)
+    assert attention._ATEN_FLASH_OK is False and calls == [(4, (-1, 0))]
+    torch.testing.assert_close(out, attention.segment_sdpa(q, k, v, cu, True, 0.25))
+
+
+def _chunk_ce_cases(rank, world):
+    import torch.nn.functional as F
+
+    from megatron_eagle.models import loss
+    from megatron_eagle.runtime.distributed import init_model_parallel
+
+    init_model_parallel()
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(100, 32, generator=g) * 0.3
+    y = torch.randint(0, 100, (64,), generator=g)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    return dict(ref=F.cross_entropy(h.double() @ w.double().t(), y, reduction="none"),
+                fp32=loss._chunk_ce(h, w, y), bf16=loss._chunk_ce(hb, wb, y),
+                bf16_ref=F.cross_entropy((hb @ wb.t()).float(), y, reduction="none"))
+
+
+def test_chunk_ce_gemm_dtype():
+    """fp32 weights: the exact fp32 GEMM as before; bf16 weights: bf16 GEMM, fp32 cross-entropy."""
+    r = run_distributed(_chunk_ce_cases, 1, timeout=120)[0]
+    assert r["fp32"].dtype == r["bf16"].dtype == torch.float32
+    torch.testing.assert_close(r["fp32"].double(), r["ref"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["bf16"], r["bf16_ref"])
+    assert float((r["bf16"].double() - r["ref"]).abs().max()) < 0.1
+
+
+def _fused_vs_foreach(rank, world):
+    from megatron_eagle.config import ParallelConfig
+    from megatron_eagle.models.eagle import build_model
+    from megatron_eagle.runtime.distributed import init_model_parallel
+    from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, use_fused_adamw, wrap_ddp
+    from tests.model_fixtures import mixed_pack, tiny_model_config
+    from megatron.core.distributed import finalize_model_grads
+    from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
+
+    out = {}
+    for fused in (False, True):
+        init_model_parallel(seed=7)
+        cfg = tiny_model_config()
+        model = build_model(cfg, ParallelConfig())
+        optim = OptimConfig(lr=1e-2, fused_adam=fused)
+        ddp = wrap_ddp(model, optim, bf16=False)
+        ddp.config.finalize_model_grads_func = finalize_model_grads
+        opt = build_optimizer([ddp], optim, bf16=False)  # on CPU the default leaves torch's foreach path
+        inner = [p.optimizer for p in getattr(opt, "chained_optimizers", [opt])]
+        assert all(not g.get("fused") for o in inner for g in o.param_groups)
+        if fused:
+            assert use_fused_adamw(opt, require_cuda=False) >= 1
+            assert all(g["fused"] and not g["foreach"] for o in inner for g in o.param_groups)
+        for step in range(3):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            forward_backward(ddp, [mixed_pack(cfg, seed=step)], torch.device("cpu"))
+            assert guarded_optimizer_step(opt, 1.0)[0]
+        out[fused] = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None
+                      and torch.is_tensor(v)}
+    return out
+
+
+def test_fused_adamw_switch_matches_foreach():
+    out = run_distributed(_fused_vs_foreach, 1, timeout=240)[0]
+    assert out[False].keys() == out[True].keys()
+    for k in out[False]:
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-4, atol=2e-5, msg=k)  # rounding order
