@@ -100,10 +100,12 @@ class PackConfig:
 
 
 def pack_padding(parallel: ParallelConfig) -> int:
-    """Pack lengths must divide by TP under sequence parallelism and by 2*CP for the zigzag CP split."""
+    """Pack lengths must divide by TP under sequence parallelism; with CP by 2*CP (zigzag split) and
+    each CP rank's share (length / CP) by TP under SP, i.e. by CP * lcm(2, TP)."""
     a = parallel.tp if parallel.sp else 1
-    b = 2 * parallel.cp if parallel.cp > 1 else 1
-    return a * b // math.gcd(a, b)
+    if parallel.cp > 1:
+        return parallel.cp * (2 * a // math.gcd(2, a))
+    return a
 
 
 def pack_config(model: ModelConfig, parallel: ParallelConfig, seq_len: int, tokenizer, **kw: Any) -> PackConfig:
