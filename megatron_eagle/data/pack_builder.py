@@ -90,6 +90,7 @@ class PackConfig:
     pixel_dtype: PixelDType = "float32"
     fixed_length: bool = False  # pad every pack to exactly seq_len (static shapes, e.g. for PP p2p)
     read_retries: int = 2  # extra attempts on OSError (transient storage errors) before a sample counts as bad
+    decode_threads: int = 1  # ffmpeg threads per video decode; parallelism comes from the loader's workers
 
     def validate(self) -> None:
         if self.seq_len % self.pad_to_multiple:
@@ -202,7 +203,7 @@ class PackBuilder:
         """Encoded medium -> uint8 tiles [n, 3, S, S] (normalised once per pack, in :meth:`build`)."""
         s = self.cfg.tile_size
         if isinstance(mp, VideoPlan):
-            frames, _ = decode_frames(io.BytesIO(data), mp.frame_indices, size=(s, s))
+            frames, _ = decode_frames(io.BytesIO(data), mp.frame_indices, size=(s, s), threads=self.cfg.decode_threads)
             info.frames += len(frames)
             out = torch.empty((len(frames), 3, s, s), dtype=torch.uint8)
             for i, f in enumerate(frames):
@@ -273,11 +274,20 @@ def image_tiles_uint8(pil_image, grid: tuple[int, int], tile_size: int) -> torch
     return out
 
 
+def _empty_for_ipc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """In a DataLoader worker, allocate straight in shared memory: sending the tensor to the main
+    process is then a file-descriptor handoff instead of a copy into a fresh shared segment."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
+
+
 def assemble_pixels(chunks: Sequence[torch.Tensor], shape: tuple[int, int, int], dtype: PixelDType) -> torch.Tensor:
     """Concatenate uint8 tiles; for float32, into one buffer normalised in place with the very
     operations of ``media.normalize`` (bit-identical, without its full-size temporaries)."""
     n = sum(int(t.shape[0]) for t in chunks)
-    out = torch.empty((n, *shape), dtype=torch.uint8 if dtype == "uint8" else torch.float32)
+    out = _empty_for_ipc((n, *shape), torch.uint8 if dtype == "uint8" else torch.float32)
     i = 0
     for t in chunks:
         out[i:i + t.shape[0]].copy_(t)
