@@ -113,26 +113,36 @@ def _disable_flash(err: Exception) -> None:
     log.warning("cp attention: flash kernel unavailable (%s); using the exact reference path", _FLASH_BROKEN)
 
 
+_FLASH_USED = False
+
+
 def flash_status() -> str:
-    """Which kernel path the CP blocks use on this process ("flash" or why not)."""
-    return "flash" if _FLASH_BROKEN is None else f"reference ({_FLASH_BROKEN})"
+    """Which kernel path the CP blocks took in this process: "flash", "reference", or why not flash."""
+    if _FLASH_BROKEN is not None:
+        return f"reference (flash failed: {_FLASH_BROKEN})"
+    return "flash" if _FLASH_USED else "reference"
+
+
+_RNG: dict = {}  # device -> the (rng_state, unused) placeholders the forward returned (dropout 0: never read)
 
 
 def _flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_q.to(torch.int32), cu_k.to(torch.int32),
         max(int(max_q), 1), max(int(max_k), 1), 0.0, causal, False, scale=scale)
     if lse.dim() != 2 or lse.shape[1] != q.shape[0]:  # older layouts pad lse per batch row
         raise RuntimeError(f"unexpected flash lse shape {tuple(lse.shape)}")
+    _RNG.setdefault(q.device, (rng, unused))
     return out, lse
 
 
 def _flash_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # dropout is 0: never read
+    rng, unused = _RNG.get(q.device) or (torch.zeros(2, dtype=torch.int64, device=q.device),
+                                         torch.zeros((), dtype=torch.int64, device=q.device))
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
         cu_q.to(torch.int32), cu_k.to(torch.int32), max(int(max_q), 1), max(int(max_k), 1), 0.0, causal,
-        rng, torch.zeros((), dtype=torch.int64, device=q.device), scale=scale)
+        rng, unused, scale=scale)
     return dq, dk, dv
 
 
@@ -142,12 +152,14 @@ def block_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
               max_q: int, max_k: int, causal: bool, scale: float,
               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(out [t, hq, d], lse [hq, t] fp32) of one varlen block; see the module docstring."""
+    global _FLASH_USED
     if q.shape[0] == 0 or k.shape[0] == 0:
         return (q.new_zeros((q.shape[0], q.shape[1], v.shape[-1])),
                 q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32))
     if _flash_ok(q, backend):
         try:
             out, lse = _flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+            _FLASH_USED = True
             return out, lse.float()
         except Exception as e:  # noqa: BLE001 - any refusal: fall back to the exact path
             _disable_flash(e)

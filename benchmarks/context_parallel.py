@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Context parallelism: tokens/s and peak memory per CP variant against CP=1 (issue 6).
+
+For each packed length (default 32K, 64K, 128K) and each configuration on the same N GPUs:
+
+- ``cp1``: CP=1, the N GPUs data-parallel (one pack of L tokens per GPU per step) — the baseline,
+  recorded as ``oom`` where a pack of L does not fit one GPU;
+- ``ring``, ``allgather``, ``ulysses``, ``hybrid`` (U = ``--hybrid-ulysses``, default N/2): CP=N, one
+  pack of L tokens per step over the N GPUs.
+
+Every configuration is one ``torchrun`` launch (an out-of-memory rank ends only its launch) doing
+the trainer's step: megatron DDP + DistributedOptimizer, ``training.step.forward_backward``,
+guarded AdamW step, bf16, full LLM and ViT recompute by default (``--recompute``). Packs are
+long-context mixes: one long video (~70% of the pack, 256+6 tokens per frame) plus images and text.
+All configurations see the same first pack and initial weights, so the first-step losses
+should agree (bf16 round-off) — printed as a cross-check. ``--check`` first compares each CP
+variant's attention (flash kernels, NCCL) with single-GPU attention on this machine.
+
+    # 2 GPUs, everything (one run; ~10-20 min); 4 GPUs: --nproc 4
+    python benchmarks/context_parallel.py --nproc 2 --check --out benchmarks/results/context_parallel.json \\
+        --md-out benchmarks/results/context_parallel_2gpu.md
+    # a subset (e.g. to fit a 10-minute window), appending to the same JSON
+    python benchmarks/context_parallel.py --nproc 4 --seq-len 131072 --variants cp1 allgather ring \\
+        --out benchmarks/results/context_parallel.json
+    # CPU smoke test (gloo)
+    python benchmarks/context_parallel.py --nproc 2 --preset tiny --seq-len 1024 --steps 1 --warmup 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+CONFIGS = ("cp1", "ring", "allgather", "ulysses", "hybrid")
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- packs
+
+def long_pack(cfg, seq_len: int, seed: int, video_share: float = 0.7):
+    """Exactly ``seq_len`` tokens: one long video (frames of tokens_per_tile + 6 wrapper tokens), then
+    images (1-7 tiles) and text samples; only answers (40% of each sample's text) are supervised."""
+    from megatron_eagle.models.batch import pack_samples
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    tpt, img, vocab, size = cfg.tokens_per_tile, cfg.image_token_id, cfg.llm.vocab_size, cfg.vision.image_size
+
+    def ids(n: int) -> torch.Tensor:
+        x = torch.randint(10, vocab, (n,), generator=g)
+        return torch.where(x == img, x + 1, x)
+
+    samples, pixels, remaining, first = [], [], seq_len, True
+    while remaining > 0:
+        text = min(remaining, max(16, int(rng.lognormvariate(math.log(300 * tpt / 256), 0.8))))
+        if first:  # the long video: frames of one tile, 6 wrapper tokens each
+            video, n = True, max(1, int(video_share * seq_len) // (tpt + 6))
+        else:  # an image of 1-7 tiles (2 wrapper tokens) or text only
+            video, n = False, (rng.randint(1, 7) if rng.random() < 0.5 else 0)
+        visual = (lambda m: m * (tpt + 6) if video else (m * tpt + 2 if m else 0))  # noqa: E731
+        while n and visual(n) + text > remaining:
+            n -= 1
+        if remaining - visual(n) - text < 32:  # too little left for another sample: fill the pack
+            text = remaining - visual(n)
+        first = False
+        prompt = text * 6 // 10
+        parts = [ids(prompt)]
+        if video:
+            for _ in range(n):
+                parts += [ids(5), torch.full((tpt,), img), ids(1)]
+        elif n:
+            parts += [ids(1), torch.full((n * tpt,), img), ids(1)]
+        parts.append(ids(text - prompt))
+        x = torch.cat(parts)
+        lab = torch.full_like(x, IGNORE)
+        if text - prompt:
+            lab[-(text - prompt):] = x[-(text - prompt):]
+        samples.append((x, lab))
+        pixels.append(torch.randn(n, 3, size, size, generator=g))
+        remaining -= x.numel()
+    batch = pack_samples(samples, pixels, (3, size, size))
+    assert batch.num_tokens == seq_len, (batch.num_tokens, seq_len)
+    return batch
+
+
+# ----------------------------------------------------------------------------- GPU checks
+
+def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
+    """Each CP variant (flash blocks, NCCL) vs single-GPU packed attention: relative L2 errors (bf16)."""
+    import torch.distributed as dist
+
+    from megatron_eagle.config import ParallelConfig
+    from megatron_eagle.parallel import kernels
+    from megatron_eagle.parallel.cp_attention import cp_attention
+    from megatron_eagle.parallel.cp_split import split_batch
+    from megatron_eagle.parallel.groups import build_cp_context
+    from megatron_eagle.runtime.distributed import init_model_parallel
+    from megatron_eagle.models.batch import pack_samples
+
+    init_model_parallel(1, 1, world)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hq, hk, d = 12, 2, 128
+    lens = [4097, 1, 300, 12000, 77, 2]  # 1-token, odd and long sub-samples
+    if device.type != "cuda":  # the exact CPU path materialises each sub-sample's scores
+        lens = [257, 1, 30, 700, 7, 2]
+    batch = pack_samples([(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)) for n in lens], [],
+                         (3, 1, 1)).to(device)
+    T = batch.num_tokens
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hk, hk))
+    w = torch.randn(T, hq, d, generator=g).to(device, dtype)
+    scale = d ** -0.5
+    cu = batch.cu_seqlens.to(device)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = kernels.varlen_attention(*ref_in, cu, cu, batch.max_seqlen, batch.max_seqlen, True, scale)
+    (ref.float() * w.float()).sum().backward()
+    out = {"kernel": kernels.flash_status()}
+    for variant in ("ring", "allgather", "ulysses", "hybrid"):
+        if variant == "hybrid" and not (1 < hybrid_u < world):
+            continue
+        par = ParallelConfig(cp=world, cp_variant=variant, cp_ulysses=hybrid_u if variant == "hybrid" else 0)
+        layout = split_batch(batch, build_cp_context(par, hq))
+        Tp = int(layout.cu_global[-1])
+        leaves = []
+        for x in (q, k, v):
+            p = torch.zeros(Tp, *x.shape[1:], device=device, dtype=dtype)
+            p[layout.dst] = x
+            leaves.append(p.requires_grad_())
+        wp = torch.zeros(Tp, hq, d, device=device, dtype=dtype)
+        wp[layout.dst] = w
+        o = cp_attention(*(x[layout.positions] for x in leaves), layout, scale)
+        (o.float() * wp[layout.positions].float()).sum().backward()
+        full = layout.gather_full(o.detach())
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        res = {"out": rel(full, ref.detach())}
+        for name, leaf, r in zip(("dq", "dk", "dv"), leaves, ref_in):
+            grad = leaf.grad.float()
+            dist.all_reduce(grad, group=layout.ctx.group)
+            res[name] = rel(grad[layout.dst], r.grad)
+        out[variant] = {k2: round(v2, 5) for k2, v2 in res.items()}
+    out["kernel_after"] = kernels.flash_status()
+    return out
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+def worker(args) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_eagle.config import ParallelConfig, preset_model_config
+    from megatron_eagle.models.eagle import build_model
+    from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, shutdown
+    from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
+
+    rt = init_distributed()
+    cuda = rt.device.type == "cuda"
+    rec = dict(config=args.config, seq_len=args.seq_len[0], preset=args.preset, world=rt.world_size,
+               torch=torch.__version__, device=(f"{rt.world_size}x {torch.cuda.get_device_name(rt.device)}"
+                                                if cuda else f"{rt.world_size}x cpu"))
+    try:
+        if args.check:
+            rec["check"] = check_cp_attention(rt.world_size, rt.device, args.hybrid_ulysses)
+        cp = 1 if args.config == "cp1" else rt.world_size
+        init_model_parallel(1, 1, cp, seed=1234)
+        cfg = preset_model_config(args.preset)
+        cfg.params_dtype = "bfloat16" if cuda else "float32"
+        cfg.recompute_llm = args.recompute
+        cfg.recompute_vision = args.recompute_vit
+        par = ParallelConfig(cp=cp, cp_variant=args.config if cp > 1 else "allgather",
+                             cp_ulysses=args.hybrid_ulysses if args.config == "hybrid" else 0)
+        rec.update(cp=cp, dp=rt.world_size // cp, ulysses=args.hybrid_ulysses if args.config == "hybrid" else None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        model = build_model(cfg, par, chunk_tokens=2048)
+        rec["cp_layout"] = (f"U{model.cp_ctx.ulysses}xR{model.cp_ctx.ring}" if model.cp_ctx is not None else None)
+        optim = OptimConfig(lr=1e-5)
+        ddp = wrap_ddp(model, optim, cfg.params_dtype == "bfloat16")
+        ddp.config.finalize_model_grads_func = finalize_model_grads
+        ddp.config.no_sync_func = ddp.no_sync
+        optimizer = build_optimizer([ddp], optim, cfg.params_dtype == "bfloat16")
+        optimizer.reload_model_params()
+        dp_rank = ps.get_data_parallel_rank()
+        packs = [long_pack(cfg, args.seq_len[0], seed=1000 * dp_rank + i).to(rt.device) for i in range(args.packs)]
+        rec["tiles"] = [int(p.pixel_values.shape[0]) for p in packs]
+        rec["subsamples"] = [int(p.cu_seqlens.numel() - 1) for p in packs]
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            ls = forward_backward(ddp, [packs[i % len(packs)]], rt.device)
+            guarded_optimizer_step(optimizer, 1.0)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(float(ls[0]) if ls else None)
+        t = torch.tensor([sum(times) / max(len(times), 1),
+                          torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0], dtype=torch.float64,
+                         device=rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's step, the largest peak
+        step_s, peak = float(t[0]), float(t[1])
+        tokens = args.seq_len[0] * (rt.world_size // cp)  # real tokens per step (CP padding not counted)
+        rec.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s,
+                   tokens_per_s_per_gpu=tokens / step_s / rt.world_size, peak_gib=peak if cuda else None,
+                   first_loss=losses[0], losses=losses)
+    except torch.OutOfMemoryError as e:
+        rec.update(status="oom", error=str(e).splitlines()[0][:300])
+    except Exception as e:  # noqa: BLE001
+        rec.update(status="error", error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-3000:])
+    Path(f"{args.worker_out}.rank{rt.rank}").write_text(json.dumps(rec))
+    if rec["status"] != "ok" and rt.world_size > 1:
+        os._exit(3)  # peers may be stuck in a collective: end the launch
+    shutdown()
+
+
+# ----------------------------------------------------------------------------- driver
+
+def launch(args, config: str, seq: int, check: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        wout = Path(tmp) / "worker.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               str(Path(__file__).resolve()), "--worker", "--config", config, "--seq-len", str(seq),
+               "--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--packs", str(args.packs), "--recompute", args.recompute, "--recompute-vit", args.recompute_vit,
+               "--hybrid-ulysses", str(args.hybrid_ulysses), "--worker-out", str(wout)]
+        if check:
+            cmd.append("--check")
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        print(f"# launch {args.nproc} procs: {config} seq {seq}", flush=True)
+        t0 = time.time()
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=args.launch_timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        recs = {int(f.name.rsplit("rank", 1)[1]): json.loads(f.read_text())
+                for f in Path(tmp).glob("worker.json.rank*")}
+    bad = sorted((r["status"] != "oom", rank) for rank, r in recs.items() if r["status"] != "ok")
+    if bad:
+        return dict(recs[bad[0][1]], error=f"rank {bad[0][1]}: {recs[bad[0][1]].get('error')}")
+    if 0 in recs:
+        return recs[0]
+    return dict(config=config, seq_len=seq, preset=args.preset, world=args.nproc, status="error",
+                error=f"launch exit {rc} after {time.time() - t0:.0f}s")
+
+
+def markdown(results: list[dict]) -> str:
+    base = {r["seq_len"]: r for r in results if r["config"] == "cp1" and r["status"] == "ok"}
+    lines = ["| GPUs | seq | config | layout | status | step s | tokens/s | tokens/s/GPU | vs CP=1 | peak GiB | "
+             "first loss |", "|" + "---|" * 11]
+    f = lambda x, d=0: "-" if x is None else f"{x:,.{d}f}"  # noqa: E731
+    for r in results:
+        ok = r["status"] == "ok"
+        b = base.get(r["seq_len"])
+        vs = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok and b and r["config"] != "cp1" else "-"
+        layout = r.get("cp_layout") or (f"DP{r.get('dp')}" if r["config"] == "cp1" else "-")
+        lines.append(f"| {r['world']} | {r['seq_len']} | {r['config']} | {layout} | {r['status']} | "
+                     f"{f(r.get('step_s'), 2) if ok else '-'} | {f(r.get('tokens_per_s')) if ok else '-'} | "
+                     f"{f(r.get('tokens_per_s_per_gpu')) if ok else '-'} | {vs} | {f(r.get('peak_gib'), 1)} | "
+                     f"{f(r.get('first_loss'), 4) if ok else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=2, help="GPUs (processes) per launch")
+    ap.add_argument("--preset", default="eagle2.5-2b")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--variants", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--hybrid-ulysses", type=int, default=0, help="U of the hybrid variant (default nproc/2)")
+    ap.add_argument("--recompute", default="full", choices=["none", "selective", "full"], help="LLM recompute")
+    ap.add_argument("--recompute-vit", default="full", choices=["none", "selective", "full"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--packs", type=int, default=1)
+    ap.add_argument("--check", action="store_true", help="first check CP attention against single-GPU attention")
+    ap.add_argument("--launch-timeout-s", type=float, default=900)
+    ap.add_argument("--out", type=Path, default=None, help="append records to this JSON list")
+    ap.add_argument("--md-out", type=Path, default=None)
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="cp1", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not args.hybrid_ulysses:
+        args.hybrid_ulysses = args.nproc // 2 if args.nproc >= 4 else args.nproc
+    if args.worker:
+        worker(args)
+        return 0
+    command = "python benchmarks/context_parallel.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results, check = [], args.check
+    for seq in args.seq_len:
+        for config in args.variants:
+            if config == "hybrid" and not (1 < args.hybrid_ulysses < args.nproc):
+                continue  # U = nproc is ulysses, U = 1 is ring: nothing new to measure
+            r = launch(args, config, seq, check and config != "cp1")
+            check = check and config == "cp1"  # the check runs once, in the first CP launch
+            r.update(date=args.date, command=command)
+            results.append(r)
+            print(f"# {config} seq {seq}: {r['status']} "
+                  + (f"{r['tokens_per_s']:.0f} tok/s, peak {r.get('peak_gib')} GiB, loss {r['first_loss']}"
+                     if r["status"] == "ok" else str(r.get("error"))) + (f"\n# check {r['check']}" if "check" in r
+                                                                        else ""), flush=True)
+    table = markdown(results)
+    print(table, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(args.out.read_text()) if args.out.exists() else []
+        args.out.write_text(json.dumps(old + results, indent=1) + "\n")
+    if args.md_out:
+        args.md_out.parent.mkdir(parents=True, exist_ok=True)
+        args.md_out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
