@@ -144,8 +144,10 @@ def test_signalled_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path)
     (job,) = submit(run, "--stages", "full")
     metrics = run_dir(run) / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # signal once a few steps are logged
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+    # Signal after the stage's first periodic save (step 4): the checkpoint writer's helper
+    # processes exist by then and get the signal too (Slurm signals every process of the step).
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
             break
         assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_of(run, "ci-full", job)
         time.sleep(0.2)
@@ -155,12 +157,13 @@ def test_signalled_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path)
     states = wait_done([job])
     log = log_of(run, "ci-full", job)
     assert states[job] == "COMPLETED", log
-    ev = [e["event"] for e in events(run)]
-    assert ev == ["start", "end", "requeue", "start", "end"], (ev, log)
+    ev = events(run)
+    assert [e["event"] for e in ev] == ["start", "end", "requeue", "start", "end"], (ev, log)
+    assert ev[1]["rc"] == 0, log  # the tasks saved and exited cleanly
     assert "preemption signal (SIGTERM)" in log and "requeueing job" in log
     assert "(restart 1)" in log  # the log of the first run survived the requeue (append)
     saved = int(log.split("preemption signal (SIGTERM): saved step ", 1)[1].split()[0])
-    assert 3 <= saved < 10  # really interrupted mid-stage, then resumed from that checkpoint
+    assert 6 <= saved < 10  # really interrupted mid-stage, then resumed from that checkpoint
     ref = {k: v for k, v in losses(ref_run).items() if k[0] == "full"}
     got = losses(run)
     assert got.keys() == ref.keys()

@@ -333,3 +333,29 @@ def test_eagle_recipe_submits_per_stage():
         subprocess.run(["bash", "-n"], input=script.split("\n", 1)[1], text=True, check=True)
     assert "recompute_llm=full" in next(s for s in scripts if s.startswith("eagle-stage4:"))
     assert "recompute" not in next(s for s in scripts if s.startswith("eagle-stage1:"))
+
+
+_SHIELD = """
+import os, signal, sys, time
+import psutil
+from megatron_eagle.training.checkpoint import _shield_writer_queue
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+if __name__ == "__main__":
+    _shield_writer_queue()
+    for child in psutil.Process().children(recursive=True):  # as Slurm signals every process of a step
+        os.kill(child.pid, signal.SIGTERM)
+    time.sleep(1)
+    queue = filesystem_async._results_queue
+    queue.put("alive")
+    print(queue.get(timeout=10), signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set())
+"""
+
+
+def test_checkpoint_writer_queue_survives_a_step_wide_sigterm(tmp_path):
+    """Slurm's --signal / preemption SIGTERM reaches every process of the step, including megatron's
+    checkpoint-writer Manager; it must survive it, or the save that the signal asks for fails."""
+    script = tmp_path / "shield.py"
+    script.write_text(_SHIELD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0 and r.stdout.split() == ["alive", "True"], r.stdout + r.stderr[-2000:]

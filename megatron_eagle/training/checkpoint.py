@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,29 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path if (path / "meta.json").exists() else None
 
 
+def _shield_writer_queue() -> None:
+    """Start megatron's checkpoint-writer results queue with SIGTERM/SIGUSR1 blocked.
+
+    The queue lives in a ``spawn`` Manager process created on the first save. Under Slurm the
+    preemption / time-limit signal goes to every process of the job step; that process would die
+    of it (default handler) and break this and every later save. A blocked signal mask survives
+    fork+exec, so the Manager never sees them; the trainer gets any signal that arrives meanwhile
+    as soon as the mask is restored.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None or not hasattr(signal, "pthread_sigmask"):
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # starting it later would unblock SIGTERM in this process
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, chunks, optimizer, meta: dict[str, Any],
                     keep_last: int = 3) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
@@ -125,6 +149,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, chunks, optimizer, meta: d
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
+    _shield_writer_queue()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
