@@ -9,6 +9,8 @@ including one where a CP rank holds only padding and unsupervised tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,6 +117,10 @@ def _run(rank, world):
         par = ParallelConfig(cp=world, cp_variant=variant)
         for name, b in packs.items():
             model[(variant, name)] = compare(refs[name], run_model(cfg, par, state, b))
+    rc = dataclasses.replace(cfg, recompute_llm="full", recompute_vision="full")  # recompute re-runs CP comms
+    for variant in ("ring", "allgather"):
+        model[(variant + "+recompute", "awkward")] = compare(
+            refs["awkward"], run_model(rc, ParallelConfig(cp=world, cp_variant=variant), state, packs["awkward"]))
     return {"attn": attn, "model": model, "ref_losses": {k: v["loss"] for k, v in refs.items()},
             "lopsided_supervised": supervised}
 
@@ -146,6 +152,45 @@ def test_model_cp2_equals_cp1(results, variant):
             assert d["loss"] <= 1e-5 * ref_losses[pack], (pack, d)
             assert d["hidden"] < 1e-4, (pack, d)
             assert d["grad"] < 1e-6 or d["grad_rel"] < 1e-4, (pack, d)
+
+
+@pytest.mark.parametrize("variant", ["ring", "allgather"])
+def test_model_cp2_with_activation_recompute(results, variant):
+    for rank_res in results:
+        d = rank_res["model"][(variant + "+recompute", "awkward")]
+        assert d["same_params"] and d["loss"] <= 1e-5 * results[0]["ref_losses"]["awkward"], d
+        assert d["grad"] < 1e-6 or d["grad_rel"] < 1e-4, d
+
+
+def test_variant_validation_names_the_fix():
+    from megatron_eagle.config import ConfigError, ParallelConfig
+    from megatron_eagle.parallel.groups import ulysses_degree
+
+    # Eagle 2.5's rule U = gcd(heads, cp) inside a node: Qwen2.5-7B (28 heads) cp=8 -> U4 x R2
+    assert ulysses_degree(ParallelConfig(cp=8, cp_variant="hybrid"), 28, local_gpus=8) == 4
+    assert ulysses_degree(ParallelConfig(cp=8, cp_variant="hybrid"), 12, local_gpus=8) == 4
+    assert ulysses_degree(ParallelConfig(cp=8, tp=2, cp_variant="hybrid"), 12, local_gpus=8) == 2
+    assert ulysses_degree(ParallelConfig(cp=4, cp_variant="ulysses"), 12) == 4
+    assert ulysses_degree(ParallelConfig(cp=4, cp_variant="ring"), 12) == 1
+    bad = [(dict(cp=8, cp_variant="ulysses"), 4, "cp_variant"),  # more ranks than heads
+           (dict(cp=8, cp_variant="hybrid", cp_ulysses=3), 12, "cp_ulysses"),  # does not divide cp
+           (dict(cp=4, cp_variant="ring", cp_ulysses=2), 12, "cp_ulysses")]  # only for hybrid
+    for kw, heads, field in bad:
+        with pytest.raises(ConfigError, match="Fix:") as e:
+            ulysses_degree(ParallelConfig(**kw), heads)
+        assert e.value.field == f"parallel.{field}"
+
+
+def test_split_pads_per_subsample_and_for_sequence_parallel():
+    from megatron_eagle.parallel.cp_split import padded_lengths, zigzag_positions
+
+    assert padded_lengths(torch.tensor([1, 7, 8, 0]), cp=2, sp_tp=1).tolist() == [4, 8, 8]
+    # local share 6+4 = 10 tokens is not a multiple of tp=8: a padding segment of 2*cp*3 makes it 16
+    n = padded_lengths(torch.tensor([9, 5]), cp=2, sp_tp=8)
+    assert n.tolist() == [12, 8, 12] and int(n.sum()) // 2 % 8 == 0
+    cu = torch.tensor([0, 8, 12])
+    assert zigzag_positions(cu, 2, 0).tolist() == [0, 1, 6, 7, 8, 11]
+    assert zigzag_positions(cu, 2, 1).tolist() == [2, 3, 4, 5, 9, 10]
 
 
 def test_vision_shares_and_routing():
