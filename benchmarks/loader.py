@@ -271,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tiles_per_pack']} | {r['frames_per_pack']} | {r['tiles_per_core_s']} | {r['frames_per_core_s']} | "
               f"{r['h100_s_per_pack']:.2f} | {r['cores_per_h100']:.2f} |")
     if tp:
-        print("\n| TP mode | pixels | s/pack (wall) | CPU s/pack rank 0 | CPU s/pack rank 1 | broadcast s/pack | MB/pack |")
+        print("\n| TP mode | pixels | s/pack (wall) | CPU s/pack rank 0 | CPU s/pack rank 1 | broadcast s/pack "
+              "| MB/pack |")
         print("|---|---|---|---|---|---|---|")
         for r in tp:
-            print(f"| {r['mode']} | {r['pixel_dtype']} | {r['wall_s_per_pack']:.2f} | {r['cpu_s_per_pack_rank0']:.2f} | "
+            print(f"| {r['mode']} | {r['pixel_dtype']} | {r['wall_s_per_pack']:.2f} | "
+                  f"{r['cpu_s_per_pack_rank0']:.2f} | "
                   f"{r['cpu_s_per_pack_rank1']:.2f} | {r['broadcast_s_per_pack']:.3f} | {r['pixel_mb_per_pack']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"seq_len": args.seq_len, "loader": rows, "tp": tp}, indent=1))

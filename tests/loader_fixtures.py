@@ -33,7 +33,8 @@ def build_loader_dataset(root: str | Path, n: int = 60, long_text: bool = True) 
             rows.append({"id": f"s{i}", "image": f"img/{i % len(IMAGE_SIZES)}.jpg",
                          "conversations": conv(f"<image>\nWhat is {w}?", f"It is {w}.")})
         elif kind == 1:
-            rows.append({"id": f"s{i}", "image": [f"img/{i % len(IMAGE_SIZES)}.jpg", f"img/{(i + 3) % len(IMAGE_SIZES)}.jpg"],
+            pair = [f"img/{i % len(IMAGE_SIZES)}.jpg", f"img/{(i + 3) % len(IMAGE_SIZES)}.jpg"]
+            rows.append({"id": f"s{i}", "image": pair,
                          "conversations": conv(f"<image-1> and <image-2>: {w}?", f"The first, {w}.")})
         elif kind == 2:
             rows.append({"id": f"s{i}", "video": f"vid/{VIDEOS[i % len(VIDEOS)][0]}",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_eagle.config import ConfigError, ParallelConfig, preset_model_config
+from megatron_eagle.config import ConfigError, preset_model_config
 from megatron_eagle.data.loader import StageLoader, build_stage_loader, needs_data, needs_media
 from megatron_eagle.data.pack_builder import check_batch, normalize_pixels
 from megatron_eagle.data.shards import load_index
@@ -236,7 +236,8 @@ def _tp_broadcast_and_forward(rank, world, cur, prepared):
     losses = []
     with torch.no_grad():
         for b in got[0]:
-            assert int((b.tokens == model_cfg.image_token_id).sum()) == b.pixel_values.shape[0] * model_cfg.tokens_per_tile
+            n_ctx = int((b.tokens == model_cfg.image_token_id).sum())
+            assert n_ctx == b.pixel_values.shape[0] * model_cfg.tokens_per_tile
             losses.append(float(model(b)))
     return {"equal": equal, "losses": losses, "errors": bc.metrics()["loader_errors"], "packs": bc.metrics()["packs"]}
 

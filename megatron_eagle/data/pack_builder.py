@@ -115,7 +115,8 @@ def pack_config(model: ModelConfig, parallel: ParallelConfig, seq_len: int, toke
 
     img = special_token_ids(tokenizer)["img_context"]
     if img != model.image_token_id:
-        raise ConfigError("model.image_token_id", f"is {model.image_token_id} but the tokenizer's <IMG_CONTEXT> is {img}",
+        raise ConfigError("model.image_token_id",
+                          f"is {model.image_token_id} but the tokenizer's <IMG_CONTEXT> is {img}",
                           f"set model.image_token_id = {img} (the trainer should take it from the tokenizer)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cfg = PackConfig(seq_len, model.tokens_per_tile, model.vision.image_size, img, pad, cp=parallel.cp,
@@ -239,7 +240,8 @@ class PackBuilder:
             kept.append((int(ds), int(idx)))
         if not subs:  # every sub-sample failed: one all-padding segment, zero loss weight
             n = c.seq_len if c.fixed_length else max(c.pad_to_multiple, 2 * c.cp if c.cp > 1 else 1)
-            subs.append((torch.full((n,), c.pad_id, dtype=torch.long), torch.full((n,), IGNORE_INDEX, dtype=torch.long)))
+            subs.append((torch.full((n,), c.pad_id, dtype=torch.long),
+                         torch.full((n,), IGNORE_INDEX, dtype=torch.long)))
         pad_to = c.seq_len if c.fixed_length else c.pad_to_multiple
         shape = (3, c.tile_size, c.tile_size)
         pb = pack_samples(subs, [], shape, pad_to_multiple=pad_to, pad_id=c.pad_id, weighting=c.weighting)
