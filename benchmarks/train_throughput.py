@@ -33,9 +33,11 @@ memory is recorded with ``null`` numbers.
 
 Variant tokens after ``ours``: ``rc-vit`` (full ViT recompute), ``rc-llm`` (full LLM recompute),
 ``rc-llm-sel`` (selective: core attention), ``rc-llm-N`` (recompute N LLM layers, block method),
-``swiglu`` (megatron's fused SwiGLU, torch.compile), ``foreach-adam`` (torch's multi-tensor AdamW
-instead of fused), ``legacy-head`` (the old fp32 LM-head GEMM), ``legacy-gqa`` (repeat K/V heads
-before flash), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
+``swiglu`` / ``no-swiglu`` (megatron's fused SwiGLU, torch.compile; the default on GPUs),
+``foreach-adam`` (torch's multi-tensor AdamW instead of fused), ``legacy-head`` (the old fp32
+LM-head GEMM), ``legacy-gqa`` (repeat K/V heads before flash), ``legacy-rope`` (megatron's THD
+RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-norm/clip loops
+instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
 buffers), ``overlap`` (overlap grad reduce-scatter and param all-gather with compute),
 ``sp`` (sequence parallelism when TP > 1).
 """
@@ -79,8 +81,10 @@ class Variant:
     recompute_vision: str = "none"
     recompute_llm: str = "none"
     recompute_llm_layers: int = 0
-    swiglu: bool = False
+    swiglu: Optional[bool] = None  # None: the model's default (fused on GPUs)
     fused_adam: bool = True
+    legacy_rope: bool = False
+    local_mt: bool = False
     legacy_head: bool = False
     legacy_gqa: bool = False
     offload_vit: bool = False
@@ -115,6 +119,12 @@ def parse_variant(name: str) -> Variant:
             kw["recompute_llm"], kw["recompute_llm_layers"] = "full", int(t[7:])
         elif t == "swiglu":
             kw["swiglu"] = True
+        elif t == "no-swiglu":
+            kw["swiglu"] = False
+        elif t == "legacy-rope":
+            kw["legacy_rope"] = True
+        elif t == "local-mt":
+            kw["local_mt"] = True
         elif t == "foreach-adam":
             kw["fused_adam"] = False
         elif t == "legacy-head":
@@ -303,14 +313,22 @@ def flops_of(cfg, pack: Pack) -> float:
 
 class OursSide:
     def __init__(self, cfg, v: Variant, tp: int, device: torch.device):
+        self.device, self.v = device, v
+        self.hooks, self._patches, self._undo = [], [], []
+        try:
+            self._build(cfg, v, tp, device)
+        except BaseException:
+            self.close()  # a build that fails (OOM) must not leave its patches behind
+            raise
+
+    def _build(self, cfg, v: Variant, tp: int, device: torch.device):
         from megatron.core.distributed import finalize_model_grads
 
         from megatron_eagle.config import ParallelConfig
-        from megatron_eagle.models import attention, loss
+        from megatron_eagle.models import attention, loss, rope
         from megatron_eagle.models.eagle import build_model
-        from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+        from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, use_foreach_multi_tensor, wrap_ddp
 
-        self.device, self.v = device, v
         if os.environ.get("BENCH_FAIL_RANK") == os.environ.get("RANK", "0"):  # tests of the failure path
             raise torch.OutOfMemoryError("BENCH_FAIL_RANK")
         mc = dataclasses.replace(cfg, recompute_vision=v.recompute_vision, recompute_llm=v.recompute_llm)
@@ -319,8 +337,8 @@ class OursSide:
         llm_cfg = model.language_model.config
         if v.recompute_llm_layers:
             llm_cfg.recompute_method, llm_cfg.recompute_num_layers = "block", v.recompute_llm_layers
-        if v.swiglu:
-            llm_cfg.bias_activation_fusion = True  # read by megatron's MLP at forward time
+        if v.swiglu is not None:
+            llm_cfg.bias_activation_fusion = v.swiglu  # read by megatron's MLP at forward time
         if v.offload_vit:
             vit_forward = model.vision_model.forward
 
@@ -328,7 +346,6 @@ class OursSide:
                 with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
                     return vit_forward(*a, **k)
             model.vision_model.forward = offloaded
-        self._patches = []
         if v.legacy_head:
             self._patch(loss, "_chunk_ce", _legacy_chunk_ce)
         if v.legacy_gqa:
@@ -341,6 +358,12 @@ class OursSide:
         self.ddp.config.no_sync_func = self.ddp.no_sync
         self.optimizer = build_optimizer([self.ddp], optim, bf16)
         self.optimizer.reload_model_params()
+        if v.local_mt:
+            use_foreach_multi_tensor(False)
+            self._undo.append(use_foreach_multi_tensor)
+        if v.legacy_rope:
+            rope.install(False)
+            self._undo.append(rope.install)
         self.marks = Marks(device.type == "cuda")
         m = self.ddp.module
         self.hooks = instrument(self.marks, m.vision_model, m.connector, m.language_model.decoder, m,
@@ -369,7 +392,9 @@ class OursSide:
             h.remove()
         for mod, name, old in reversed(self._patches):
             setattr(mod, name, old)
-        self._patches = []
+        for fn in self._undo:
+            fn()
+        self._patches, self._undo = [], []
 
 
 def _legacy_chunk_ce(hidden, weight, labels):

@@ -10,26 +10,30 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 B="python3 benchmarks/train_throughput.py --out $out/runs.json --raw-out $out/raw.json --date ${DATE:-$(date +%F)}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 if [ "$mode" = single ]; then
+  # 8K: HF baselines; the optimization ladder (each step adds one change; legacy-* = before issue 8)
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s ${BUDGET_8K:-300} \
      --md-out "$out/t8k.md" --variants \
-     hf ours+rc-vit hf+nomask hf+gc \
-     ours+rc-vit+legacy-head+legacy-gqa+foreach-adam ours+rc-vit+legacy-gqa+foreach-adam ours+rc-vit+foreach-adam \
-     ours+rc-vit+swiglu ours ours+swiglu ours+rc-vit+swiglu+rc-llm-sel ours+offload-vit 2>&1 | tee "$out/log8k.txt"
+     hf hf+nomask hf+gc ours ours+rc-vit \
+     ours+rc-vit+legacy-head+legacy-gqa+foreach-adam+no-swiglu+legacy-rope+local-mt \
+     ours+rc-vit+legacy-gqa+foreach-adam+no-swiglu+legacy-rope+local-mt \
+     ours+rc-vit+foreach-adam+no-swiglu+legacy-rope+local-mt ours+rc-vit+no-swiglu+legacy-rope+local-mt \
+     ours+rc-vit+legacy-rope+local-mt ours+rc-vit+local-mt ours+legacy-rope+local-mt \
+     ours+rc-vit+rc-llm-sel ours+offload-vit 2>&1 | tee "$out/log8k.txt"
   $B --preset eagle2.5-2b --seq-len 32768 65536 --steps 3 --warmup 1 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) \
      --md-out "$out/tlong.md" --variants \
-     ours+rc-vit+rc-llm hf+gc hf ours+rc-vit+rc-llm-20+swiglu 2>&1 | tee "$out/loglong.txt"
+     ours+rc-vit+rc-llm ours+rc-vit+rc-llm-16 hf+gc hf 2>&1 | tee "$out/loglong.txt"
 elif [ "$mode" = multi ]; then
-  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 1x1 \
-     --md-out "$out/t1.md" --variants ours+rc-vit 2>&1 | tee "$out/log1.txt"
-  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 2x1 4x1 \
-     --md-out "$out/tdp.md" --variants ours+rc-vit ours+rc-vit+overlap 2>&1 | tee "$out/logdp.txt"
+  # no-swiglu: the scaling runs skip the per-process torch.compile of the fused SwiGLU (same scaling)
+  V=ours+rc-vit+no-swiglu
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 1x1 2x1 4x1 \
+     --md-out "$out/tdp.md" --variants $V 2>&1 | tee "$out/logdp.txt"
   $B --preset eagle2.5-8b --seq-len 32768 --steps 3 --warmup 1 --packs 2 --launch-timeout-s 200 --layouts 4x1 \
-     --md-out "$out/t8b.md" --variants ours+rc-vit+rc-llm+grad-bf16+overlap ours+rc-vit+rc-llm+grad-bf16 \
-     2>&1 | tee "$out/log8b.txt"
-  if [ $SECONDS -lt $(( ${LIMIT:-560} - 130 )) ]; then
-    $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 2x2 4x2 \
-       --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) --md-out "$out/ttp.md" --variants ours+rc-vit+sp \
-       2>&1 | tee "$out/logtp.txt"
-  fi
+     --md-out "$out/t8b.md" --variants ours+rc-vit+rc-llm+grad-bf16+no-swiglu 2>&1 | tee "$out/log8b.txt"
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 4x1 \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 75 )) --md-out "$out/tov.md" --variants $V+overlap \
+     2>&1 | tee "$out/logov.txt"
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 2x2 4x2 \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 75 )) --md-out "$out/ttp.md" --variants $V+sp \
+     2>&1 | tee "$out/logtp.txt"
 fi
 echo "sweep done after ${SECONDS}s"

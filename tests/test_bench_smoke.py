@@ -1,6 +1,6 @@
 """The training-throughput benchmark (issue 8) end to end on the tiny preset, plus the pieces of
 the GPU path it measures that also run on a CPU: packed GQA dispatch, the LM-head GEMM dtype,
-and the fused-AdamW switch."""
+sync-free packed RoPE, foreach grad norm/clip, and the fused-AdamW switch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def _bench(rank, world, out):
     from benchmarks.train_throughput import main
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
-          "--variants", "hf", "hf+nomask", "ours", "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam",
+          "--variants", "hf", "hf+nomask", "ours",
+          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt",
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -24,7 +25,8 @@ def _bench(rank, world, out):
 def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "tt.json"
     runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
-    assert [r["ours_variant"] for r in runs] == ["ours", "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam"]
+    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt"
+    assert [r["ours_variant"] for r in runs] == ["ours", legacy]
     for r in runs:
         for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
                     "hf_mfu", "ours_peak_gib", "hf_peak_gib"):
@@ -36,8 +38,7 @@ def test_benchmark_smoke_tiny(tmp_path):
         ph = r["ours_phases_ms"]
         assert all(ph[k] is not None and ph[k] >= 0 for k in ("vit_fwd", "llm_fwd", "llm_bwd", "optimizer"))
         assert abs(sum(v for k, v in ph.items() if k != "total") - ph["total"]) < 1e-6 * max(ph["total"], 1)
-    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours",
-                                           "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam"}
+    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", legacy}
     for r in raw:  # same packs, random init: every side starts near ln(vocab)
         assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]
 
@@ -136,9 +137,33 @@ def _chunk_ce_cases(rank, world):
     h, w = torch.randn(64, 32, generator=g), torch.randn(100, 32, generator=g) * 0.3
     y = torch.randint(0, 100, (64,), generator=g)
     hb, wb = h.bfloat16(), w.bfloat16()
-    return dict(ref=F.cross_entropy(h.double() @ w.double().t(), y, reduction="none"),
-                fp32=loss._chunk_ce(h, w, y), bf16=loss._chunk_ce(hb, wb, y),
-                bf16_ref=F.cross_entropy((hb @ wb.t()).float(), y, reduction="none"))
+    out = dict(ref=F.cross_entropy(h.double() @ w.double().t(), y, reduction="none"),
+               fp32=loss._chunk_ce(h, w, y), bf16=loss._chunk_ce(hb, wb, y),
+               bf16_ref=F.cross_entropy((hb @ wb.t()).float(), y, reduction="none"))
+    out["rope"] = _rope_cases()
+    return out
+
+
+def _rope_cases():
+    """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_eagle.models import rope
+
+    g = torch.Generator().manual_seed(1)
+    cp = ps.get_context_parallel_group()
+    emb = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000)
+    cases = []
+    for lens in ([5, 1, 17, 9], [32], [1, 1, 1], [7, 25]):
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+        t = torch.randn(sum(lens), 3, 16, generator=g)
+        for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
+            freqs = emb(max_len, packed_seq=True)
+            cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp),
+                          rope._ORIGINAL(t, cu, freqs, cp_group=cp)))
+    pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
+    return cases, pos.tolist()
 
 
 def test_chunk_ce_gemm_dtype():
@@ -148,6 +173,37 @@ def test_chunk_ce_gemm_dtype():
     torch.testing.assert_close(r["fp32"].double(), r["ref"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r["bf16"], r["bf16_ref"])
     assert float((r["bf16"].double() - r["ref"]).abs().max()) < 0.1
+    cases, pos = r["rope"]
+    assert pos == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+    for got, want in cases:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_foreach_multi_tensor_matches_megatron_fallback():
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_eagle.training import optimizer as opt
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g) for n in (3, 1000, 17)]
+    norm, _ = opt._foreach_l2_norm(0, torch.zeros(1, dtype=torch.int), [ts], False)
+    torch.testing.assert_close(norm, torch.cat(ts).norm().reshape(1))
+    dst = [torch.empty_like(t) for t in ts]
+    opt._foreach_scale(0, None, [ts, dst], 0.5)
+    for a, b in zip(ts, dst):
+        torch.testing.assert_close(b, a * 0.5)
+    opt._foreach_scale(0, None, [dst, dst], 2.0)
+    for a, b in zip(ts, dst):
+        torch.testing.assert_close(b, a)
+    try:
+        opt.use_foreach_multi_tensor(False)
+        assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+        opt.use_foreach_multi_tensor(True)
+        assert clip_grads.l2_norm_impl is opt._foreach_l2_norm
+        assert clip_grads.multi_tensor_scale_impl is opt._foreach_scale
+    finally:
+        opt.use_foreach_multi_tensor(True)
 
 
 def _fused_vs_foreach(rank, world):

@@ -24,6 +24,7 @@ from megatron_eagle.config import FreezeConfig, ModelConfig, ParallelConfig
 from megatron_eagle.models.batch import PackedBatch
 from megatron_eagle.models.connector import MLPConnector, pixel_shuffle
 from megatron_eagle.models.loss import chunked_weighted_ce, full_logits
+from megatron_eagle.models import rope as _rope  # noqa: F401  (sync-free packed RoPE)
 from megatron_eagle.models.specs import llm_block_spec
 from megatron_eagle.models.transformer_configs import llm_transformer_config, vision_transformer_config
 from megatron_eagle.models.vision import SiglipVisionModel

@@ -54,6 +54,7 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, b
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
     )
+    use_foreach_multi_tensor()
     optimizer = get_megatron_optimizer(cfg, chunks)
     if optim.fused_adam:
         use_fused_adamw(optimizer)
@@ -77,6 +78,44 @@ def use_fused_adamw(optimizer, require_cuda: bool = True) -> int:
         inner._step_supports_amp_scaling = True
         switched += 1
     return switched
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm: one foreach norm, no host syncs (megatron's local
+    fallback turns every per-tensor norm into a Python float)."""
+    tensors = [t for tl in tensor_lists for t in tl]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for amp_C.multi_tensor_scale (dst = src * scale) with foreach kernels."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if not src:
+        return
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_multi_tensor(enable: bool = True) -> None:
+    """Without apex/transformer-engine megatron falls back to per-tensor Python loops for the grad
+    norm and clipping (``megatron.core.utils.local_multi_tensor_*``); swap in foreach versions
+    (or back). Only the local fallbacks are replaced, never apex's or TE's kernels."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    local = {"l2": utils.local_multi_tensor_l2_norm, "scale": utils.local_multi_tensor_scale}
+    mine = {"l2": _foreach_l2_norm, "scale": _foreach_scale}
+    new = mine if enable else local
+    for mod, name, kind in ((clip_grads, "l2_norm_impl", "l2"), (clip_grads, "multi_tensor_scale_impl", "scale"),
+                            (mopt, "multi_tensor_scale_impl", "scale")):
+        if getattr(mod, name, None) in (local[kind], mine[kind]):
+            setattr(mod, name, new[kind])
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
