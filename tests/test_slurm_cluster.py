@@ -127,9 +127,16 @@ def test_chain_runs_stages_in_order(chain):
     assert "iter_0000014  stage full step 10 (global 14)  stage done  <- latest" in status
 
 
-def test_signalled_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path):
-    """Stage 2 again from stage 1's final checkpoint; SIGTERM to its tasks mid-run (what Slurm's
-    --signal does near the time limit or on preemption)."""
+def _has_preempting_partition() -> bool:
+    """scripts/slurm_localhost.sh's `high` partition preempts (requeues) jobs of the default one."""
+    r = subprocess.run(["scontrol", "show", "partition", "high", "-o"], capture_output=True, text=True)
+    return r.returncode == 0 and "PriorityTier=10" in r.stdout
+
+
+def test_preempted_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path):
+    """Stage 2 again from stage 1's final checkpoint, preempted mid-run by a job in a higher-priority
+    partition: Slurm sends the job's --signal (TERM) to the tasks and the grace-time SIGTERM to every
+    process of the step. (Without that partition: `scancel --signal=TERM`, as at the time limit.)"""
     ref_run, _, _ = chain
     shutil.copytree(ref_run.parent, tmp_path / "p", ignore=shutil.ignore_patterns("run"))
     run = tmp_path / "p" / "run.yaml"
@@ -153,8 +160,13 @@ def test_signalled_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path)
         time.sleep(0.2)
     else:
         raise AssertionError("no progress: " + log_of(run, "ci-full", job))
-    subprocess.run(["scancel", "--signal=TERM", job], check=True)
-    states = wait_done([job])
+    high = None
+    if _has_preempting_partition():
+        high = subprocess.run(["sbatch", "--parsable", "-p", "high", "--exclusive", "-N1", "-o", "/dev/null",
+                               "--wrap", "sleep 1"], capture_output=True, text=True, check=True).stdout.strip()
+    else:
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    states = wait_done([job] + ([high] if high else []))
     log = log_of(run, "ci-full", job)
     assert states[job] == "COMPLETED", log
     ev = events(run)
