@@ -102,7 +102,8 @@ def test_cpu_tasks_single_job_and_setup_lines(tmp_path):
 
 def test_world_must_divide_each_stage_layout(tmp_path):
     cfg = write_config(tmp_path)
-    with pytest.raises(ConfigError, match=r"stages\[full.long\].*1 nodes x 1 tasks.*tp\*pp\*cp.*--stage-nodes full.long=2"):
+    fix = r"stages\[full.long\].*1 nodes x 1 tasks.*tp\*pp\*cp.*--stage-nodes full.long=2"
+    with pytest.raises(ConfigError, match=fix):
         plan_jobs(str(cfg), [], opts(tasks_per_node=1))
     plan_jobs(str(cfg), [], opts(tasks_per_node=1, stage_nodes={"full.long": 2}))  # the named fix works
     with pytest.raises(ConfigError, match="packs per step"):  # dp=3 does not split 64 packs
@@ -236,7 +237,8 @@ def test_submit_chains_jobs_with_afterok(tmp_path, monkeypatch):
     assert calls[0].startswith("--parsable ") and "dependency" not in calls[0]
     assert calls[1].startswith("--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes ")
     recs = [json.loads(l) for l in (tmp_path / "run" / "slurm" / "jobs.jsonl").read_text().splitlines()]
-    assert [(r["job"], r["stage"], r["after"]) for r in recs] == [("101", "connector", None), ("102", "full.long", "101")]
+    assert [(r["job"], r["stage"], r["after"]) for r in recs] == [("101", "connector", None),
+                                                                 ("102", "full.long", "101")]
     assert Path(recs[1]["script"]).read_text() == jobs[1].script
     assert (tmp_path / "run" / "slurm" / "logs").is_dir()
 
