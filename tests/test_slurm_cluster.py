@@ -4,7 +4,8 @@
   checkpoint; the second stage starts from the first stage's final checkpoint;
 - a job whose training tasks get the preemption / time-limit signal mid-run: they save, the job
   requeues itself, resumes from `latest` and ends with the same losses as the uninterrupted chain.
-Without Slurm they skip (set MEGATRON_EAGLE_REQUIRE_SLURM=1 to make that a failure).
+Without Slurm they skip (set MEGATRON_EAGLE_REQUIRE_SLURM=1 to make that a failure); the trainer's
+`train.only_stage` guard, which the chain relies on, is tested either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,11 +43,11 @@ def _slurm_up() -> bool:
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
-if not _slurm_up():
-    reason = "no responding Slurm (sinfo): start one with `scripts/slurm_localhost.sh start` (root)"
-    if os.environ.get("MEGATRON_EAGLE_REQUIRE_SLURM") == "1":
-        raise RuntimeError(reason + "; MEGATRON_EAGLE_REQUIRE_SLURM=1")
-    pytestmark = pytest.mark.skip(reason=reason)
+SLURM_UP = _slurm_up()
+if not SLURM_UP and os.environ.get("MEGATRON_EAGLE_REQUIRE_SLURM") == "1":
+    raise RuntimeError("no responding Slurm (sinfo) but MEGATRON_EAGLE_REQUIRE_SLURM=1")
+needs_slurm = pytest.mark.skipif(not SLURM_UP, reason="no responding Slurm (sinfo): start one with "
+                                 "`scripts/slurm_localhost.sh start` (root)")
 
 
 def submit(run_yaml: Path, *extra: str) -> list[str]:
@@ -98,6 +100,7 @@ def chain(assets, tmp_path_factory):
     return run, jobs, states
 
 
+@needs_slurm
 def test_two_task_job_completes_with_checkpoint(chain):
     run, jobs, states = chain
     assert states[jobs[0]] == "COMPLETED", log_of(run, "ci-connector", jobs[0])
@@ -107,6 +110,7 @@ def test_two_task_job_completes_with_checkpoint(chain):
     assert meta["stage"] == "connector" and meta["stage_done"] and meta["global_step"] == 4
 
 
+@needs_slurm
 def test_chain_runs_stages_in_order(chain):
     run, jobs, states = chain
     assert states[jobs[1]] == "COMPLETED", log_of(run, "ci-full", jobs[1])
@@ -133,6 +137,7 @@ def _has_preempting_partition() -> bool:
     return r.returncode == 0 and "PriorityTier=10" in r.stdout
 
 
+@needs_slurm
 def test_preempted_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path):
     """Stage 2 again from stage 1's final checkpoint, preempted mid-run by a job in a higher-priority
     partition: Slurm sends the job's --signal (TERM) to the tasks and the grace-time SIGTERM to every
@@ -185,3 +190,14 @@ def test_preempted_job_saves_requeues_and_matches_uninterrupted(chain, tmp_path)
     info = json.loads(status)
     assert info["jobs"][0]["restarts"] == "1" and info["jobs"][0]["state"] == "COMPLETED"
     assert info["last"]["global_step"] == 14
+
+
+def test_only_stage_refuses_a_stage_that_is_not_next(assets, tmp_path):
+    """A chain job for stage 2 must not start before stage 1 is done (no Slurm needed)."""
+    run = write_run(tmp_path, assets, [dict(STAGES[0]), dict(STAGES[1], parallel={"tp": 1})])  # one process
+    r = subprocess.run([sys.executable, "-m", "megatron_eagle.cli", "train", "--config", str(run), "--set",
+                        "train.only_stage=full"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stdout + r.stderr[-3000:]
+    assert "stage full is not the run's next stage" in r.stdout and "train.only_stage=connector" in r.stdout
+    assert not (run_dir(run) / "checkpoints" / "latest").exists()
