@@ -139,7 +139,7 @@ start() {
   if alive "$CTLD_PID" || alive "$SLURMD_PID"; then stop_daemons; fi
   write_config
   start_munge
-  slurmctld
+  slurmctld -c  # cold start: jobs of an earlier, killed instance are not resurrected (or requeued)
   slurmd -N localhost
   wait_ready
 }
