@@ -121,3 +121,19 @@ def lopsided_pack(vocab: int = 512) -> PackedBatch:
     b.labels = labels
     b.loss_weights = loss_weights_for(labels, b.cu_seqlens)
     return b
+
+
+def one_tile_pack(cfg) -> PackedBatch:
+    """One tile whose 16 visual slots all sit in zigzag chunk 0 at cp=2: rank 1 neither encodes
+    a tile nor owns a slot, yet must take part in the routing all-to-all."""
+    from megatron_eagle.models.batch import pack_samples
+
+    g = torch.Generator().manual_seed(7)
+    tpt = cfg.tokens_per_tile
+    n_after = 3 * (tpt + 1) + tpt  # chunk size (tpt + 1) with cp=2: slots 1..tpt in chunk 0
+    ids = torch.cat([torch.randint(10, 500, (1,), generator=g), torch.full((tpt,), cfg.image_token_id),
+                     torch.randint(10, 500, (n_after - tpt,), generator=g)])
+    lab = torch.full_like(ids, IGNORE_INDEX)
+    lab[-5:] = ids[-5:]
+    size = cfg.vision.image_size
+    return pack_samples([(ids, lab)], [torch.randn(1, 3, size, size, generator=g)], (3, size, size))

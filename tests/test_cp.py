@@ -92,13 +92,14 @@ def compare(ref: dict, got: dict) -> dict[str, float]:
 def _run(rank, world):
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from tests.cp_fixtures import AWKWARD_LENGTHS, attention_case, awkward_mixed_pack, lopsided_pack
+    from tests.cp_fixtures import AWKWARD_LENGTHS, attention_case, awkward_mixed_pack, lopsided_pack, one_tile_pack
     from tests.model_fixtures import full_reference_state, mixed_pack, tiny_model_config
 
     cfg = tiny_model_config()
     init_model_parallel(1, 1, 1)
     state = full_reference_state(cfg)
-    packs = {"mixed": mixed_pack(cfg), "awkward": awkward_mixed_pack(cfg), "lopsided": lopsided_pack()}
+    packs = {"mixed": mixed_pack(cfg), "awkward": awkward_mixed_pack(cfg), "lopsided": lopsided_pack(),
+             "one_tile": one_tile_pack(cfg)}
     refs = {name: run_model(cfg, ParallelConfig(), state, b) for name, b in packs.items()}
 
     init_model_parallel(1, 1, world)
@@ -112,6 +113,7 @@ def _run(rank, world):
     ctx = build_cp_context(ParallelConfig(cp=world, cp_variant="ring"), cfg.llm.num_heads)
     lop = split_batch(packs["lopsided"], ctx)
     supervised = int((lop.labels >= 0).sum())
+    one_tile_slots = int((split_batch(packs["one_tile"], ctx).tokens == cfg.image_token_id).sum())
     model = {}
     for variant in VARIANTS:
         par = ParallelConfig(cp=world, cp_variant=variant)
@@ -122,7 +124,7 @@ def _run(rank, world):
         model[(variant + "+recompute", "awkward")] = compare(
             refs["awkward"], run_model(rc, ParallelConfig(cp=world, cp_variant=variant), state, packs["awkward"]))
     return {"attn": attn, "model": model, "ref_losses": {k: v["loss"] for k, v in refs.items()},
-            "lopsided_supervised": supervised}
+            "lopsided_supervised": supervised, "one_tile_slots": one_tile_slots}
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +147,9 @@ def test_model_cp2_equals_cp1(results, variant):
     assert ref_losses["lopsided"] > 0
     sup = [r["lopsided_supervised"] for r in results]
     assert sup[0] > 0 and sup[1] == 0, sup  # rank 1: padding and unsupervised tokens only
+    assert [r["one_tile_slots"] for r in results] == [16, 0]  # rank 1: no tile, no slot, still routes
     for rank_res in results:
-        for pack in ("mixed", "awkward", "lopsided"):
+        for pack in ("mixed", "awkward", "lopsided", "one_tile"):
             d = rank_res["model"][(variant, pack)]
             assert d["same_params"], pack
             assert d["loss"] <= 1e-5 * ref_losses[pack], (pack, d)
