@@ -153,7 +153,7 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
             grad = leaf.grad.float()
             dist.all_reduce(grad, group=layout.ctx.group)
             res[name] = rel(grad[layout.dst], r.grad)
-        out[variant] = {k2: round(v2, 5) for k2, v2 in res.items()}
+        out[variant] = {k2: float(f"{v2:.3g}") for k2, v2 in res.items()}
     out["kernel_after"] = kernels.flash_status()
     return out
 
