@@ -600,6 +600,9 @@ def worker(args) -> list[dict]:
     dp = rt.world_size // tp
     dp_rank = ps.get_data_parallel_rank()
     device = rt.device
+    if args.mem_cap_gib and device.type == "cuda":  # emulate a smaller card (an 80 GB H100 on an H200)
+        total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib / total), device)
     cfg = preset_model_config(args.preset)
     cfg.params_dtype = "bfloat16" if device.type == "cuda" or args.bf16_cpu else "float32"
     variants = [parse_variant(v) for v in args.variants]
@@ -610,7 +613,7 @@ def worker(args) -> list[dict]:
     log(f"# device {device_label(device, rt.world_size)}  torch {torch.__version__}  matmul peak "
         f"{peak and round(peak, 1)} TFLOP/s  attention check {attn}")
     meta = dict(device=device_label(device, rt.world_size), torch=torch.__version__, matmul_peak_tflops=peak,
-                attention_check=attn)
+                attention_check=attn, mem_cap_gib=args.mem_cap_gib or None)
     results = []
     for seq_len in args.seq_len:
         packs = [make_pack(cfg, seq_len, seed=1000 * dp_rank + i) for i in range(args.packs)]
@@ -664,6 +667,8 @@ def launch(args, n: int, tp: int, seq: int, variants: list[str]) -> list[dict]:
                "--seq-len", str(seq), "--variants", *variants]
         if args.bf16_cpu:
             cmd.append("--bf16-cpu")
+        if args.mem_cap_gib:
+            cmd += ["--mem-cap-gib", str(args.mem_cap_gib)]
         print(f"# launch {n}x{tp} seq {seq}: {' '.join(variants)}", flush=True)
         t0 = time.time()
         try:
@@ -789,6 +794,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0, help="skip variants started after this")
     ap.add_argument("--launch-timeout-s", type=float, default=600)
     ap.add_argument("--bf16-cpu", action="store_true", help="bf16 params on CPU too (smoke tests)")
+    ap.add_argument("--mem-cap-gib", type=float, default=0,
+                    help="cap each process's GPU memory (79.18 = what an H100 80GB gives torch)")
     ap.add_argument("--out", type=Path, default=None, help="append run records to this JSON list")
     ap.add_argument("--raw-out", type=Path, default=None, help="append per-variant results to this JSON list")
     ap.add_argument("--md-out", type=Path, default=None, help="write a markdown table")

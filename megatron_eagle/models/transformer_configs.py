@@ -87,8 +87,8 @@ def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelC
         moe_token_dispatcher_type="alltoall",  # (dense model; megatron requires it with the above)
         **_recompute(model.recompute_llm),
         **dict(_common(parallel, model),
-               # megatron's fused SwiGLU (torch.compile'd; saves only its input for backward): on GPUs
-               # -8 GB and +2% tokens/s at 8K for eagle2.5-2b (BENCHMARKS.md). Not on CPUs, where
-               # compiling would slow tests down; the math is the same.
+               # megatron's fused SwiGLU (torch.compile'd; saves only its input for backward): on an
+               # H100, -7.7 GiB and +2-8% tokens/s at 8K for eagle2.5-2b (BENCHMARKS.md). Not on CPUs,
+               # where compiling would slow tests down; the math is the same.
                bias_activation_fusion=torch.cuda.is_available()),
     )

@@ -26,6 +26,9 @@ class OptimSection:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # fp32 gradient buffers and DP reduction; false halves their memory (eagle2.5-8b at 32K on
+    # 80 GB cards needs it, BENCHMARKS.md "Training throughput")
+    grad_reduce_in_fp32: bool = True
 
 
 @dataclass

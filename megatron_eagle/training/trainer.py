@@ -105,7 +105,8 @@ class Trainer:
         optim = OptimConfig(lr=stage.lr.peak, min_lr=stage.lr.min, weight_decay=cfg.optim.weight_decay,
                             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2,
                             adam_eps=cfg.optim.adam_eps, clip_grad=cfg.optim.clip_grad,
-                            warmup_fraction=stage.lr.warmup, decay_style=stage.lr.decay)
+                            warmup_fraction=stage.lr.warmup, decay_style=stage.lr.decay,
+                            grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32)
         ddp = wrap_ddp(model, optim, bf16)
         ddp.config.finalize_model_grads_func = finalize_model_grads
         ddp.config.no_sync_func = ddp.no_sync  # reduce grads once per step, not per micro-batch
