@@ -114,12 +114,7 @@ def run_dir(run_yaml: Path) -> Path:
 
 def losses(run_yaml: Path) -> dict[tuple[str, int], float]:
     """(stage, step) -> loss; a step logged twice (re-run after a kill) keeps its last value."""
-    out = {}
-    for line in (run_dir(run_yaml) / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out[(r["stage"], r["step"])] = r["loss"]
-    return out
+    return {(r["stage"], r["step"]): r["loss"] for r in records(run_yaml)}
 
 
 def records(run_yaml: Path) -> list[dict]:

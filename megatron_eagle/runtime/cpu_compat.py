@@ -9,7 +9,6 @@ on CPU with gloo. On machines with CUDA, :func:`install` does nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode

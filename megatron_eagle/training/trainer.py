@@ -123,30 +123,24 @@ class Trainer:
         if weights is not None:
             kind, path = weights
             meta = load_checkpoint(path, [ddp], optimizer, load_optimizer=kind == "resume")
+            self.global_step, self.skipped_total = meta["global_step"], meta["skipped_total"]
             if kind == "resume":
                 scheduler.load_state_dict(meta["scheduler"])
                 loader.load_state_dict(meta["loader"])
                 ctx.step = meta["step_in_stage"]
-                self.global_step = meta["global_step"]
-                self.skipped_total = meta["skipped_total"]
                 self.consecutive_skips = meta["consecutive_skips"]
             else:
                 optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
-                self.global_step = meta["global_step"]
-                self.skipped_total = meta["skipped_total"]
-        else:
-            optimizer.reload_model_params()
+        # (HF init weights were loaded before the optimizer was built, so its master copy has them.)
         return ctx
 
     def _init_weights(self, model) -> None:
+        """HF weights for a fresh run (``init.checkpoint`` arrives as ``weights`` instead)."""
         init = self.cfg.init
         if init.hf or init.vision:
             from megatron_eagle.convert.load import load_hf_into_model
 
             load_hf_into_model(model, init.hf if init.hf else (init.vision, init.llm))
-        elif init.checkpoint:
-            raise ConfigError("init.checkpoint", "weights-only init from a checkpoint happens after DDP setup",
-                              "internal: handled by _first_stage_weights")
 
     def _first_stage_weights(self) -> tuple[int, Optional[tuple[str, Path]]]:
         """(stage index, weights to load) from the run dir's latest checkpoint or the init config."""
@@ -258,7 +252,7 @@ class Trainer:
         n_loss = float(len(losses)) if (data_rank and last) else 0.0
         time_due = self.is_rank0 and (time.time() - self.last_save_time) > cfg.train.save_every_minutes * 60
         vec = torch.tensor([loss_sum, n_loss, tokens, flops, float(self.preempt.requested), float(time_due),
-                            wait], dtype=torch.float64)
+                            wait], dtype=torch.float64, device=self.rt.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(vec)
         loss = vec[0].item() / max(vec[1].item(), 1.0)
 
