@@ -158,6 +158,91 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
     return out
 
 
+def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` (forward + backward), CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: list[int], hybrid_u: int,
+                       iters: int = 5, warmup: int = 2) -> list[dict]:
+    """Attention alone (forward + backward) on one causal sequence of L tokens: single-GPU flash on
+    all L tokens vs each CP variant over ``world`` GPUs, with the preset's LLM head shapes.
+
+    efficiency = t_flash(L) / world / t_cp(L): the CP kernel's per-GPU throughput relative to
+    single-GPU flash on the whole sequence (ring-flash-attention's "theoretic flash_attn")."""
+    import torch.distributed as dist
+
+    from megatron_eagle.config import ParallelConfig, preset_model_config
+    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.parallel import kernels
+    from megatron_eagle.parallel.cp_attention import cp_attention
+    from megatron_eagle.parallel.cp_split import split_batch
+    from megatron_eagle.parallel.groups import build_cp_context
+    from megatron_eagle.runtime.distributed import init_model_parallel
+
+    init_model_parallel(1, 1, world)
+    llm = preset_model_config(preset).llm
+    hq, hk, d = llm.num_heads, llm.num_kv_heads, llm.hidden_size // llm.num_heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scale = d ** -0.5
+    out = []
+    for L in seq_lens:
+        batch = pack_samples([(torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long))], [],
+                             (3, 1, 1)).to(device)
+        cu = batch.cu_seqlens
+        q, k, v = (torch.randn(L, h, d, device=device, dtype=dtype).requires_grad_() for h in (hq, hk, hk))
+        dout = torch.randn(L, hq, d, device=device, dtype=dtype)
+
+        def flash():
+            kernels.varlen_attention(q, k, v, cu, cu, L, L, True, scale).backward(dout)
+
+        flops = 7.0 * L * L * hq * d  # causal: 2·L²·h·d forward, 2.5x that backward
+        t1 = _timed(flash, iters, warmup, device)
+        rec = {"seq_len": L, "heads": [hq, hk, d], "flash_1gpu_s": t1, "flash_1gpu_tflops": flops / t1 / 1e12,
+               "kernel": kernels.flash_status()}
+        q.grad = k.grad = v.grad = None
+        for variant in ("ring", "allgather", "ulysses", "hybrid"):
+            if variant == "hybrid" and not (1 < hybrid_u < world):
+                continue
+            par = ParallelConfig(cp=world, cp_variant=variant, cp_ulysses=hybrid_u if variant == "hybrid" else 0)
+            layout = split_batch(batch, build_cp_context(par, hq))
+            n = layout.num_local
+            ql, kl, vl = (torch.randn(n, h, d, device=device, dtype=dtype).requires_grad_() for h in (hq, hk, hk))
+            dl = torch.randn(n, hq, d, device=device, dtype=dtype)
+
+            def run_cp():
+                dist.barrier(group=layout.ctx.group)
+                cp_attention(ql, kl, vl, layout, scale).backward(dl)
+
+            t = torch.tensor([_timed(run_cp, iters, warmup, device)], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            tc = float(t[0])
+            rec[variant] = {"s": tc, "tflops_per_gpu": flops / world / tc / 1e12,
+                            "efficiency": t1 / world / tc, "layout": f"U{layout.ctx.ulysses}xR{layout.ctx.ring}"}
+            del ql, kl, vl, dl, layout
+        out.append(rec)
+        del q, k, v, dout
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------- one configuration
 
 def worker(args) -> None:
@@ -165,9 +250,10 @@ def worker(args) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_eagle.config import ParallelConfig, preset_model_config
+    from megatron_eagle.config import FreezeConfig, ParallelConfig, preset_model_config
     from megatron_eagle.models.eagle import build_model
     from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, shutdown
+    from megatron_eagle.training.flops import step_flops
     from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
     from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
 
@@ -177,22 +263,31 @@ def worker(args) -> None:
                torch=torch.__version__, device=(f"{rt.world_size}x {torch.cuda.get_device_name(rt.device)}"
                                                 if cuda else f"{rt.world_size}x cpu"))
     try:
+        if cuda and args.mem_cap_gib:  # emulate a smaller card (an 80 GB H100 on an H200)
+            total = torch.cuda.get_device_properties(rt.device).total_memory / 2 ** 30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib / total), rt.device)
+            rec["mem_cap_gib"] = args.mem_cap_gib
         if args.check:
             rec["check"] = check_cp_attention(rt.world_size, rt.device, args.hybrid_ulysses)
-        cp = 1 if args.config == "cp1" else rt.world_size
-        init_model_parallel(1, 1, cp, seed=1234)
+        if args.attn_bench:
+            rec["attention"] = bench_cp_attention(rt.world_size, rt.device, args.preset, args.attn_seq_len,
+                                                  args.hybrid_ulysses)
+        tp = args.tp
+        cp = 1 if args.config == "cp1" else rt.world_size // tp
+        init_model_parallel(tp, 1, cp, seed=1234)
         cfg = preset_model_config(args.preset)
         cfg.params_dtype = "bfloat16" if cuda else "float32"
         cfg.recompute_llm = args.recompute
         cfg.recompute_vision = args.recompute_vit
-        par = ParallelConfig(cp=cp, cp_variant=args.config if cp > 1 else "allgather",
+        par = ParallelConfig(tp=tp, sp=tp > 1, cp=cp, cp_variant=args.config if cp > 1 else "allgather",
                              cp_ulysses=args.hybrid_ulysses if args.config == "hybrid" else 0)
-        rec.update(cp=cp, dp=rt.world_size // cp, ulysses=args.hybrid_ulysses if args.config == "hybrid" else None)
+        rec.update(tp=tp, cp=cp, dp=rt.world_size // (cp * tp),
+                   ulysses=args.hybrid_ulysses if args.config == "hybrid" else None)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         model = build_model(cfg, par, chunk_tokens=2048)
         rec["cp_layout"] = (f"U{model.cp_ctx.ulysses}xR{model.cp_ctx.ring}" if model.cp_ctx is not None else None)
-        optim = OptimConfig(lr=1e-5)
+        optim = OptimConfig(lr=1e-5, grad_reduce_in_fp32=not args.grad_bf16)
         ddp = wrap_ddp(model, optim, cfg.params_dtype == "bfloat16")
         ddp.config.finalize_model_grads_func = finalize_model_grads
         ddp.config.no_sync_func = ddp.no_sync
@@ -202,6 +297,8 @@ def worker(args) -> None:
         packs = [long_pack(cfg, args.seq_len[0], seed=1000 * dp_rank + i).to(rt.device) for i in range(args.packs)]
         rec["tiles"] = [int(p.pixel_values.shape[0]) for p in packs]
         rec["subsamples"] = [int(p.cu_seqlens.numel() - 1) for p in packs]
+        flops = [step_flops(cfg, FreezeConfig(), torch.diff(p.cu_seqlens).tolist(), int(p.pixel_values.shape[0]),
+                            int((p.labels != IGNORE).sum())) for p in packs]
         times, losses = [], []
         for i in range(args.warmup + args.steps):
             if cuda:
@@ -222,8 +319,14 @@ def worker(args) -> None:
                          device=rt.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's step, the largest peak
         step_s, peak = float(t[0]), float(t[1])
-        tokens = args.seq_len[0] * (rt.world_size // cp)  # real tokens per step (CP padding not counted)
+        replicas = rt.world_size // (cp * tp)
+        tokens = args.seq_len[0] * replicas  # real tokens per step (CP padding not counted)
+        # Model FLOPs of the step (this replica's packs stand for the others'): the attention share
+        # grows with L, so TFLOP/s per GPU is the length-neutral measure of CP's cost.
+        step_model_flops = sum(flops) / len(flops) * replicas
         rec.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s,
+                   tflops_per_gpu=step_model_flops / step_s / rt.world_size / 1e12,
+                   model_flops_per_token=step_model_flops / tokens,
                    tokens_per_s_per_gpu=tokens / step_s / rt.world_size, peak_gib=peak if cuda else None,
                    first_loss=losses[0], losses=losses)
     except torch.OutOfMemoryError as e:
@@ -238,16 +341,16 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def launch(args, config: str, seq: int, check: bool) -> dict:
+def launch(args, config: str, seq: int, check: bool, attn: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         wout = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                str(Path(__file__).resolve()), "--worker", "--config", config, "--seq-len", str(seq),
                "--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--packs", str(args.packs), "--recompute", args.recompute, "--recompute-vit", args.recompute_vit,
-               "--hybrid-ulysses", str(args.hybrid_ulysses), "--worker-out", str(wout)]
-        if check:
-            cmd.append("--check")
+               "--hybrid-ulysses", str(args.hybrid_ulysses), "--worker-out", str(wout), "--tp", str(args.tp),
+               "--mem-cap-gib", str(args.mem_cap_gib), "--attn-seq-len", *map(str, args.attn_seq_len)]
+        cmd += ["--check"] * check + ["--attn-bench"] * attn + ["--grad-bf16"] * args.grad_bf16
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONUNBUFFERED="1",
                    PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         print(f"# launch {args.nproc} procs: {config} seq {seq}", flush=True)
@@ -263,24 +366,49 @@ def launch(args, config: str, seq: int, check: bool) -> dict:
         return dict(recs[bad[0][1]], error=f"rank {bad[0][1]}: {recs[bad[0][1]].get('error')}")
     if 0 in recs:
         return recs[0]
-    return dict(config=config, seq_len=seq, preset=args.preset, world=args.nproc, status="error",
+    return dict(config=config, seq_len=seq, preset=args.preset, world=args.nproc, tp=args.tp, status="error",
                 error=f"launch exit {rc} after {time.time() - t0:.0f}s")
 
 
 def markdown(results: list[dict]) -> str:
-    base = {r["seq_len"]: r for r in results if r["config"] == "cp1" and r["status"] == "ok"}
-    lines = ["| GPUs | seq | config | layout | status | step s | tokens/s | tokens/s/GPU | vs CP=1 | peak GiB | "
-             "first loss |", "|" + "---|" * 11]
+    """Throughput table; "vs CP=1" compares tokens/s at the same length, "FLOP/s vs CP=1 @ shortest"
+    compares model TFLOP/s per GPU with CP=1 at the shortest length measured (attention-normalised)."""
+    base = {(r["preset"], r["seq_len"]): r for r in results if r["config"] == "cp1" and r["status"] == "ok"}
+    short = {}
+    for (preset, seq), r in sorted(base.items()):
+        short.setdefault(preset, r)
+    lines = ["| GPUs | preset | seq | config | layout | status | step s | tokens/s | tokens/s/GPU | vs CP=1 | "
+             "TFLOP/s/GPU | FLOP/s vs CP=1 @ shortest | peak GiB | first loss |", "|" + "---|" * 14]
     f = lambda x, d=0: "-" if x is None else f"{x:,.{d}f}"  # noqa: E731
     for r in results:
         ok = r["status"] == "ok"
-        b = base.get(r["seq_len"])
+        b, s0 = base.get((r["preset"], r["seq_len"])), short.get(r["preset"])
         vs = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok and b and r["config"] != "cp1" else "-"
-        layout = r.get("cp_layout") or (f"DP{r.get('dp')}" if r["config"] == "cp1" else "-")
-        lines.append(f"| {r['world']} | {r['seq_len']} | {r['config']} | {layout} | {r['status']} | "
+        vs0 = (f"{r['tflops_per_gpu'] / s0['tflops_per_gpu']:.2f}x" if ok and s0 and r is not s0
+               and r.get("tflops_per_gpu") and s0.get("tflops_per_gpu") else "-")
+        layout = r.get("cp_layout") or "-"
+        layout = (f"TP{r['tp']}x" if (r.get("tp") or 1) > 1 else "") + (
+            f"DP{r.get('dp')}" if r["config"] == "cp1" else layout)
+        lines.append(f"| {r['world']} | {r['preset']} | {r['seq_len']} | {r['config']} | {layout} | {r['status']} | "
                      f"{f(r.get('step_s'), 2) if ok else '-'} | {f(r.get('tokens_per_s')) if ok else '-'} | "
-                     f"{f(r.get('tokens_per_s_per_gpu')) if ok else '-'} | {vs} | {f(r.get('peak_gib'), 1)} | "
+                     f"{f(r.get('tokens_per_s_per_gpu')) if ok else '-'} | {vs} | "
+                     f"{f(r.get('tflops_per_gpu'), 1) if ok else '-'} | {vs0} | {f(r.get('peak_gib'), 1)} | "
                      f"{f(r.get('first_loss'), 4) if ok else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def attention_markdown(recs: list[dict]) -> str:
+    """Attention-only table: single-GPU flash vs each CP variant (efficiency = per-GPU throughput
+    relative to single-GPU flash on the whole sequence)."""
+    lines = ["| seq | variant | layout | fwd+bwd ms | TFLOP/s/GPU | efficiency vs 1-GPU flash |", "|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['seq_len']} | flash, 1 GPU | - | {r['flash_1gpu_s'] * 1e3:.1f} | "
+                     f"{r['flash_1gpu_tflops']:.0f} | 1.00 |")
+        for v in ("ring", "allgather", "ulysses", "hybrid"):
+            if v in r:
+                x = r[v]
+                lines.append(f"| {r['seq_len']} | {v} | {x['layout']} | {x['s'] * 1e3:.1f} | "
+                             f"{x['tflops_per_gpu']:.0f} | {x['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -297,7 +425,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--packs", type=int, default=1)
     ap.add_argument("--check", action="store_true", help="first check CP attention against single-GPU attention")
+    ap.add_argument("--attn-bench", action="store_true",
+                    help="first time CP attention alone against single-GPU flash (one causal sequence)")
+    ap.add_argument("--attn-seq-len", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (with SP); CP = nproc / tp")
+    ap.add_argument("--grad-bf16", action="store_true", help="bf16 gradient buffers (grad_reduce_in_fp32 off)")
+    ap.add_argument("--mem-cap-gib", type=float, default=0, help="cap each process's GPU memory (emulate 80 GB)")
     ap.add_argument("--launch-timeout-s", type=float, default=900)
+    ap.add_argument("--time-budget-s", type=float, default=0, help="skip launches started after this")
     ap.add_argument("--out", type=Path, default=None, help="append records to this JSON list")
     ap.add_argument("--md-out", type=Path, default=None)
     ap.add_argument("--date", default=datetime.date.today().isoformat())
@@ -306,25 +441,35 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not args.hybrid_ulysses:
-        args.hybrid_ulysses = args.nproc // 2 if args.nproc >= 4 else args.nproc
+        cp_size = args.nproc // args.tp
+        args.hybrid_ulysses = cp_size // 2 if cp_size >= 4 else cp_size
     if args.worker:
         worker(args)
         return 0
     command = "python benchmarks/context_parallel.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results, check = [], args.check
+    results, check, attn = [], args.check, args.attn_bench
+    t_start = time.time()
+    cp_size = args.nproc // args.tp
     for seq in args.seq_len:
         for config in args.variants:
-            if config == "hybrid" and not (1 < args.hybrid_ulysses < args.nproc):
-                continue  # U = nproc is ulysses, U = 1 is ring: nothing new to measure
-            r = launch(args, config, seq, check and config != "cp1")
-            check = check and config == "cp1"  # the check runs once, in the first CP launch
+            if config == "hybrid" and not (1 < args.hybrid_ulysses < cp_size):
+                continue  # U = CP is ulysses, U = 1 is ring: nothing new to measure
+            if args.time_budget_s and time.time() - t_start > args.time_budget_s:
+                print(f"# skip {config} seq {seq}: past --time-budget-s", flush=True)
+                continue
+            first_cp = config != "cp1"
+            r = launch(args, config, seq, check and first_cp, attn and first_cp)
+            check, attn = check and not first_cp, attn and not first_cp  # once, in the first CP launch
             r.update(date=args.date, command=command)
             results.append(r)
             print(f"# {config} seq {seq}: {r['status']} "
                   + (f"{r['tokens_per_s']:.0f} tok/s, peak {r.get('peak_gib')} GiB, loss {r['first_loss']}"
                      if r["status"] == "ok" else str(r.get("error"))) + (f"\n# check {r['check']}" if "check" in r
                                                                         else ""), flush=True)
+            if "attention" in r:
+                print(attention_markdown(r["attention"]), flush=True)
     table = markdown(results)
+    table += "".join("\n" + attention_markdown(r["attention"]) for r in results if "attention" in r)
     print(table, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,18 +40,22 @@ def _cli(*args: str) -> list[str]:
 
 
 def plot_losses(metrics: Path, out_png: Path) -> list[dict]:
-    """Loss per global step, one colour per curriculum stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Loss per global step, one colour per curriculum stage (the rows are returned even where
+    matplotlib is missing, e.g. a bare GPU image: then no PNG is written)."""
     recs = {}
     for line in metrics.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             recs[r["global_step"]] = r  # the last write of a step wins (resumed runs)
     rows = [recs[k] for k in sorted(recs)]
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed; no {out_png.name} written", flush=True)
+        return rows
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in dict.fromkeys(r["stage"] for r in rows):
         xs = [r["global_step"] for r in rows if r["stage"] == stage]
