@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -91,6 +92,8 @@ class Variant:
     grad_bf16: bool = False
     overlap: bool = False
     sp: bool = False
+    vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
+    profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
     doc_mask: bool = True  # hf
     grad_ckpt: bool = False  # hf
 
@@ -121,6 +124,10 @@ def parse_variant(name: str) -> Variant:
             kw["swiglu"] = True
         elif t == "no-swiglu":
             kw["swiglu"] = False
+        elif t == "no-vitfuse":
+            kw["vit_fusion"] = False
+        elif t == "prof":
+            kw["profile"] = True
         elif t == "legacy-rope":
             kw["legacy_rope"] = True
         elif t == "local-mt":
@@ -339,6 +346,11 @@ class OursSide:
             llm_cfg.recompute_method, llm_cfg.recompute_num_layers = "block", v.recompute_llm_layers
         if v.swiglu is not None:
             llm_cfg.bias_activation_fusion = v.swiglu  # read by megatron's MLP at forward time
+        if v.vit_fusion is False:  # the ViT before fusion: bias add, GELU(tanh), bias + residual apart
+            vit_cfg = model.vision_model.config
+            vit_cfg.bias_activation_fusion = vit_cfg.bias_dropout_fusion = llm_cfg.bias_dropout_fusion = False
+            for layer in model.vision_model.encoder.layers:
+                layer.mlp.activation_func = functools.partial(torch.nn.functional.gelu, approximate="tanh")
         if v.offload_vit:
             vit_forward = model.vision_model.forward
 
@@ -520,6 +532,39 @@ def check_attention(device: torch.device) -> dict:
     return out
 
 
+KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/CUTLASS/flash/NCCL/torch kernels
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("nccl", ("nccl",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "fused_")),
+    ("norm", ("layer_norm", "layernorm", "rms", "norm_kernel")),
+    ("conv", ("conv", "implicit_gemm", "winograd")),
+    ("copy/cat", ("copy", "cat", "index", "gather", "scatter", "memcpy", "memset", "fill")),
+)
+
+
+def profile_step(side, pack: "Pack", top: int = 25) -> dict:
+    """One step under torch.profiler: GPU time per kernel category and the top kernels (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        side.step(pack)
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "elementwise/other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return dict(total_ms=sum(kernels.values()), categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+                top=[(n[:160], round(ms, 2)) for n, ms in ranked])
+
+
 def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, device: torch.device,
             n_gpus: int, dp: int, peak: Optional[float]) -> dict:
     """Build a side, run warmup + timed steps; numbers or an OOM record."""
@@ -559,6 +604,8 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
                    phases_ms={k: (statistics.mean([p[k] for p in phases if p[k] is not None])
                                   if any(p[k] is not None for p in phases) else None) for k in phases[0]},
                    losses=losses, build_s=build_s)
+        if cuda and getattr(getattr(side, "v", None), "profile", False):
+            res["kernels"] = profile_step(side, packs[0])
     except torch.OutOfMemoryError as e:
         res = dict(status="oom", error=str(e).splitlines()[0][:300])
     except Exception as e:  # noqa: BLE001 - record and go on with the next variant
@@ -643,6 +690,12 @@ def worker(args) -> list[dict]:
                     print(f"rank {rt.rank}: {v.name} {res['status']}: {res.get('error')}", flush=True)
                     os._exit(3)
             log(summary_line(res))
+            if "kernels" in res:
+                k = res["kernels"]
+                log(f"#   kernels {k['total_ms']:.1f} ms: " + ", ".join(f"{c} {ms:.1f}" for c, ms in
+                                                              k["categories_ms"].items()))
+                for name, ms in k["top"][:12]:
+                    log(f"#     {ms:8.2f} ms  {name[:110]}")
     shutdown()
     return results if rt.rank == 0 else []
 

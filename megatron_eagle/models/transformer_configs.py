@@ -47,10 +47,21 @@ def _recompute(mode: str) -> dict:
     return {}
 
 
+def _fuse_elementwise() -> bool:
+    """megatron's fused elementwise kernels (TorchScript-fused bias+GELU, bias+residual add, SwiGLU)
+    on GPUs; not on CPUs, where fusing would slow tests down. The math is the same."""
+    return torch.cuda.is_available()
+
+
 def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """SigLIP: LayerNorm with bias, GELU(tanh) MLP with biases, MHA with qkv/out biases."""
     kw = _common(parallel, model)
     kw.update(pipeline_model_parallel_size=1, context_parallel_size=1)  # ViT lives on PP stage 0
+    fuse = _fuse_elementwise()
+    # megatron's fused bias_gelu *is* GELU's tanh approximation (SigLIP's gelu_pytorch_tanh); its MLP
+    # only takes the fused path when activation_func is F.gelu, so the exact-erf F.gelu is never run.
+    gelu = F.gelu if fuse else functools.partial(F.gelu, approximate="tanh")
+    kw.update(bias_activation_fusion=fuse, bias_dropout_fusion=fuse)
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -62,7 +73,7 @@ def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: Par
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
-        activation_func=functools.partial(F.gelu, approximate="tanh"),
+        activation_func=gelu,
         **_recompute(model.recompute_vision),
         **kw,
     )
@@ -87,8 +98,7 @@ def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelC
         moe_token_dispatcher_type="alltoall",  # (dense model; megatron requires it with the above)
         **_recompute(model.recompute_llm),
         **dict(_common(parallel, model),
-               # megatron's fused SwiGLU (torch.compile'd; saves only its input for backward): on an
-               # H100, -7.7 GiB and +2-8% tokens/s at 8K for eagle2.5-2b (BENCHMARKS.md). Not on CPUs,
-               # where compiling would slow tests down; the math is the same.
-               bias_activation_fusion=torch.cuda.is_available()),
+               # megatron's fused SwiGLU (saves only its input for backward): on an H100, -7.7 GiB and
+               # +2-8% tokens/s at 8K for eagle2.5-2b (BENCHMARKS.md); and the fused residual add.
+               bias_activation_fusion=_fuse_elementwise(), bias_dropout_fusion=_fuse_elementwise()),
     )
