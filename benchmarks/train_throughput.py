@@ -94,7 +94,6 @@ class Variant:
     sp: bool = False
     vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
     profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
-    cudnn_attn: bool = False  # the LLM's packed attention on cuDNN's ragged SDPA instead of FA2
     doc_mask: bool = True  # hf
     grad_ckpt: bool = False  # hf
 
@@ -129,8 +128,6 @@ def parse_variant(name: str) -> Variant:
             kw["vit_fusion"] = False
         elif t == "prof":
             kw["profile"] = True
-        elif t == "cudnn-attn":
-            kw["cudnn_attn"] = True
         elif t == "legacy-rope":
             kw["legacy_rope"] = True
         elif t == "local-mt":
@@ -365,8 +362,6 @@ class OursSide:
             self._patch(loss, "_chunk_ce", _legacy_chunk_ce)
         if v.legacy_gqa:
             self._patch(attention, "GQA_NATIVE", False)
-        if v.cudnn_attn:
-            self._patch(attention, "VARLEN_KERNEL", "cudnn")
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
                             overlap_grad_reduce=v.overlap, overlap_param_gather=v.overlap)
         bf16 = mc.params_dtype == "bfloat16"
@@ -508,18 +503,17 @@ def check_attention(device: torch.device) -> dict:
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     t = sum(lens)
     out = {}
-    for name, native, kernel in (("gqa_native", True, "flash"), ("gqa_expand", False, "flash"),
-                                 ("cudnn", True, "cudnn")):
+    for name, native in (("gqa_native", True), ("gqa_expand", False)):
         q = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
         k = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
         v = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
         w = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16)
-        old = attention.GQA_NATIVE, attention.VARLEN_KERNEL
-        attention.GQA_NATIVE, attention.VARLEN_KERNEL = native, kernel
+        old = attention.GQA_NATIVE
+        attention.GQA_NATIVE = native
         try:
             o = attention.varlen_flash(q, k, v, cu, max(lens), True, 128 ** -0.5)
         finally:
-            attention.GQA_NATIVE, attention.VARLEN_KERNEL = old
+            attention.GQA_NATIVE = old
         if o is None:
             out[name] = {"error": "no flash kernel"}
             continue
@@ -530,7 +524,7 @@ def check_attention(device: torch.device) -> dict:
         rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
         out[name] = {"out": rel(o, r), "dq": rel(grads[0], rgrads[0]), "dk": rel(grads[1], rgrads[1]),
                      "dv": rel(grads[2], rgrads[2])}
-    out["aten_flash"], out["cudnn_ok"] = attention._ATEN_FLASH_OK, attention._CUDNN_OK
+    out["aten_flash"] = attention._ATEN_FLASH_OK
     ok = "error" not in out.get("gqa_native", {"error": 1}) and max(out["gqa_native"].values()) < 2e-2
     out["native_ok"] = ok
     if not ok:

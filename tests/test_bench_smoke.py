@@ -126,47 +126,6 @@ def test_varlen_flash_falls_back_when_aten_kernel_refuses(monkeypatch):
     torch.testing.assert_close(out, attention.segment_sdpa(q, k, v, cu, True, 0.25))
 
 
-def test_cudnn_varlen_kernel_is_tried_first_and_falls_back_to_flash(monkeypatch):
-    """VARLEN_KERNEL = "cudnn": the ragged cuDNN op gets int32 offsets and equal head counts; if it
-    refuses the inputs once, FlashAttention-2 runs (with a warning) and cuDNN is not tried again."""
-    from megatron_eagle.models import attention
-
-    q, k, v = _qkv()
-    cu = torch.tensor([0, 7, 8, 30, 40], dtype=torch.int32)
-    seen = []
-
-    def cudnn_op(q_, k_, v_, bias, cq, ck, mq, mk, lse, p, causal, debug, scale=None):
-        seen.append(("cudnn", k_.shape[1], cq.dtype, mq, lse, causal))
-        return (attention.segment_sdpa(q_, k_, v_, cq, causal, scale),)
-
-    def flash(q_, k_, v_, cu_, max_seqlen, causal, scale):
-        seen.append(("flash", k_.shape[1]))
-        return attention.segment_sdpa(q_, k_, v_, cu_, causal, scale)
-
-    monkeypatch.setattr(attention, "_flash_device", lambda t: True)
-    monkeypatch.setattr(attention, "_aten_flash", flash)
-    monkeypatch.setattr(attention, "_ATEN_FLASH_OK", None)
-    monkeypatch.setattr(attention, "_CUDNN_OK", None)
-    monkeypatch.setattr(attention, "VARLEN_KERNEL", "cudnn")
-    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_forward", cudnn_op, raising=False)
-    ref = attention.segment_sdpa(q, k, v, cu, True, 0.25)
-    qg = q.clone().requires_grad_()
-    torch.testing.assert_close(attention.varlen_flash(qg, k, v, cu, 22, True, 0.25), ref)
-    assert seen == [("cudnn", 4, torch.int32, 22, True, True)] and attention._CUDNN_OK is True
-
-    def refuse(*a, **kw):
-        raise RuntimeError("cuDNN: no ragged SDPA plan for these inputs")
-
-    seen.clear()
-    monkeypatch.setattr(attention, "_CUDNN_OK", None)
-    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_forward", refuse, raising=False)
-    with pytest.warns(UserWarning, match="cuDNN"):
-        out = attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
-    torch.testing.assert_close(out, ref)
-    assert attention._CUDNN_OK is False and seen == [("flash", 2)]
-    attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
-    assert seen == [("flash", 2), ("flash", 2)]  # cuDNN not retried
-
 def _chunk_ce_cases(rank, world):
     import torch.nn.functional as F
 

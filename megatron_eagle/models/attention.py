@@ -4,10 +4,8 @@ Replaces megatron-core's local ``DotProductAttention``, which cannot take packed
 and materialises a full [s, s] score matrix. Attention is causal within each sub-sample
 and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
 - GPU, THD: FlashAttention-2's varlen kernel (``aten::_flash_attention_forward``, differentiable),
-  with GQA handled inside the kernel (no repeated K/V heads), or with ``VARLEN_KERNEL = "cudnn"``
-  cuDNN's ragged SDPA (``aten::_cudnn_attention_forward``, what torch's nested-tensor SDPA runs),
-  falling back to FlashAttention-2 if cuDNN refuses the inputs; ``torch.nn.attention.varlen`` as
-  a last GPU fallback (its keywords differ across torch versions);
+  with GQA handled inside the kernel (no repeated K/V heads); ``torch.nn.attention.varlen`` as
+  a fallback (its keywords differ across torch versions);
 - GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
   (memory O(max_len²) per segment at worst, never O(total²)).
 With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the
@@ -52,9 +50,6 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
 # off only if a GPU check finds the kernel wrong for GQA inputs; then K/V heads are repeated.
 GQA_NATIVE = True
 _ATEN_FLASH_OK: Optional[bool] = None  # None: untried; False: failed once, use the fallbacks
-# First choice of packed kernel on GPUs: "flash" (FlashAttention-2) or "cudnn" (ragged cuDNN SDPA).
-VARLEN_KERNEL = "flash"
-_CUDNN_OK: Optional[bool] = None  # as _ATEN_FLASH_OK, for the cuDNN kernel
 
 
 def _flash_device(t: torch.Tensor) -> bool:
@@ -67,33 +62,6 @@ def _aten_flash(q, k, v, cu, max_seqlen, causal, scale):
                                                    scale=scale)[0]
 
 
-def _aten_cudnn(q, k, v, cu, max_seqlen, causal, scale):
-    """cuDNN's ragged (varlen) SDPA forward, differentiable; K/V heads repeated for GQA (the
-    ragged path takes equal head counts). The log-sum-exp is computed only when autograd needs it."""
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    lse = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_seqlen, max_seqlen, lse, 0.0, causal,
-                                                   False, scale=scale)[0]
-
-
-def _try_cudnn(q, k, v, cu, max_seqlen, causal, scale) -> Optional[torch.Tensor]:
-    global _CUDNN_OK
-    try:
-        out = _aten_cudnn(q, k, v, cu, max_seqlen, causal, scale)
-        _CUDNN_OK = True
-        return out
-    except torch.OutOfMemoryError:
-        raise
-    except (AttributeError, RuntimeError, TypeError) as e:
-        if _CUDNN_OK:
-            raise
-        _CUDNN_OK = False
-        warnings.warn(f"cuDNN varlen attention unavailable ({e}); using FlashAttention-2")
-        return None
-
-
 def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  max_seqlen: int, causal: bool, scale: float) -> Optional[torch.Tensor]:
     """Packed flash attention (GPU only); None when no flash kernel takes these inputs."""
@@ -101,10 +69,6 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     if not _flash_device(q) or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     cu = cu_seqlens.to(torch.int32)
-    if VARLEN_KERNEL == "cudnn" and _CUDNN_OK is not False:
-        out = _try_cudnn(q, k, v, cu, max_seqlen, causal, scale)
-        if out is not None:
-            return out
     if q.shape[1] != k.shape[1] and not GQA_NATIVE:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
