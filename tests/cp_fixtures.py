@@ -137,3 +137,21 @@ def one_tile_pack(cfg) -> PackedBatch:
     lab[-5:] = ids[-5:]
     size = cfg.vision.image_size
     return pack_samples([(ids, lab)], [torch.randn(1, 3, size, size, generator=g)], (3, size, size))
+
+
+def share_of(batch: PackedBatch, cfg, cp: int, rank: int):
+    """``batch`` as the training loader hands it to CP rank ``rank``: a LoaderBatch carrying only that
+    rank's contiguous tile share (``tile_offset``), token side unchanged."""
+    import dataclasses
+
+    from megatron_eagle.data.pack_builder import LoaderBatch
+    from megatron_eagle.parallel.vision_cp import tile_shares
+
+    n = int(batch.pixel_values.shape[0])
+    lo, hi = tile_shares(n, cp)[rank]
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    fields["pixel_values"] = batch.pixel_values[lo:hi].clone()
+    starts = torch.nonzero(batch.tokens == cfg.image_token_id).squeeze(1)[::cfg.tokens_per_tile]
+    return LoaderBatch(**fields, tile_positions=starts, sample_ids=torch.zeros(batch.cu_seqlens.numel() - 1, 2,
+                                                                                dtype=torch.long),
+                       tile_offset=lo, pack_tiles=n)

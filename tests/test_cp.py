@@ -92,7 +92,8 @@ def compare(ref: dict, got: dict) -> dict[str, float]:
 def _run(rank, world):
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from tests.cp_fixtures import AWKWARD_LENGTHS, attention_case, awkward_mixed_pack, lopsided_pack, one_tile_pack
+    from tests.cp_fixtures import (AWKWARD_LENGTHS, attention_case, awkward_mixed_pack, lopsided_pack, one_tile_pack,
+                                   share_of)
     from tests.model_fixtures import full_reference_state, mixed_pack, tiny_model_config
 
     cfg = tiny_model_config()
@@ -119,6 +120,10 @@ def _run(rank, world):
         par = ParallelConfig(cp=world, cp_variant=variant)
         for name, b in packs.items():
             model[(variant, name)] = compare(refs[name], run_model(cfg, par, state, b))
+    for variant in ("allgather", "ring"):  # pixels pre-sliced as the CP loader delivers them
+        for name in ("mixed", "awkward", "one_tile"):
+            model[(variant + "+share", name)] = compare(refs[name], run_model(
+                cfg, ParallelConfig(cp=world, cp_variant=variant), state, share_of(packs[name], cfg, world, rank)))
     rc = dataclasses.replace(cfg, recompute_llm="full", recompute_vision="full")  # recompute re-runs CP comms
     for variant in ("ring", "allgather"):
         model[(variant + "+recompute", "awkward")] = compare(
@@ -165,6 +170,17 @@ def test_model_cp2_with_activation_recompute(results, variant):
         assert d["grad"] < 1e-6 or d["grad_rel"] < 1e-4, d
 
 
+@pytest.mark.parametrize("variant", ["allgather", "ring"])
+def test_model_cp2_with_share_only_pixels_equals_cp1(results, variant):
+    """Each CP rank holding only its tile share (as the CP loader delivers) gives CP=1's loss and gradients."""
+    for rank_res in results:
+        for pack in ("mixed", "awkward", "one_tile"):
+            d = rank_res["model"][(variant + "+share", pack)]
+            assert d["same_params"] and d["loss"] <= 1e-5 * results[0]["ref_losses"][pack], (pack, d)
+            assert d["hidden"] < 1e-4, (pack, d)
+            assert d["grad"] < 1e-6 or d["grad_rel"] < 1e-4, (pack, d)
+
+
 def test_variant_validation_names_the_fix():
     from megatron_eagle.config import ConfigError, ParallelConfig
     from megatron_eagle.parallel.groups import ulysses_degree
@@ -208,3 +224,17 @@ def test_vision_shares_and_routing():
     assert send == [2, 2] and recv == [2, 1] and order.tolist() == [0, 3, 1, 2]
     send, recv, order = route_counts(dest, shares, 2, rank=1)
     assert send == [1, 1] and recv == [2, 1] and order.tolist() == [1, 0]
+
+
+def test_local_tiles_takes_a_whole_pack_or_exactly_this_ranks_share():
+    from megatron_eagle.parallel.vision_cp import local_tiles, tile_shares
+
+    pack = torch.arange(5.0).view(5, 1, 1, 1)
+    shares = tile_shares(5, 2)
+    assert local_tiles(pack, 5, shares[1]).flatten().tolist() == [3.0, 4.0]  # whole pack: sliced here
+    assert local_tiles(pack, 5, shares[0], tile_offset=0).flatten().tolist() == [0.0, 1.0, 2.0]
+    assert local_tiles(pack[3:], 5, shares[1], tile_offset=3).flatten().tolist() == [3.0, 4.0]  # pre-sliced
+    assert local_tiles(pack[:0], 1, tile_shares(1, 2)[1], tile_offset=1).numel() == 0
+    for pv, off, share in [(pack[3:], 2, shares[1]), (pack[3:], 3, shares[0]), (pack[:4], None, shares[0])]:
+        with pytest.raises(ValueError, match="tiles"):
+            local_tiles(pv, 5, share, tile_offset=off)

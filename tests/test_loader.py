@@ -105,20 +105,39 @@ def test_every_sample_at_most_once_packs_fit_and_only_assistant_tokens_supervise
                 assert all(b.tokens[p:p + tpt].eq(img).all() for p in b.tile_positions.tolist())
 
 
+@pytest.fixture(scope="module")
+def cp_share(data, tmp_path_factory):
+    """Loader arguments of CP rank 1 at cp=2 (it decodes only its tile share) and its uninterrupted stream."""
+    cur = write_curriculum(tmp_path_factory.mktemp("cp2") / "cur.yaml", data["prepared"], seq_len=L,
+                           parallel={"tp": 1, "pp": 1, "cp": 2})
+    kw = dict(cur=cur, world_size=4, cp_rank=1)
+    return kw, stream(loader(data, 1, **kw))
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_resume_mid_epoch_gives_the_same_stream(data, reference, workers):
+@pytest.mark.parametrize("layout", ["cp1", "cp2_share"])
+def test_resume_mid_epoch_gives_the_same_stream(data, reference, cp_share, workers, layout):
     k = 3
-    first = loader(data, 1, num_workers=workers)
+    kw, ref = ({}, reference[1]) if layout == "cp1" else cp_share
+    first = loader(data, 1, num_workers=workers, **kw)
     head = stream(first, steps=k)
     state = first.state_dict()
     assert state["stage"] == "s1" and state["step"] == k and state["dp"] == 2
-    resumed = loader(data, 1, num_workers=workers, prefetch=1, state=state)
+    resumed = loader(data, 1, num_workers=workers, prefetch=1, state=state, **kw)
     assert len(resumed) == resumed.total_steps - k
     tail = stream(resumed)
-    assert same_stream(head + tail, reference[1])
+    assert same_stream(head + tail, ref)
     assert resumed.state_dict()["step"] == resumed.total_steps
-    assert same_stream(stream(loader(data, 0, num_workers=workers, start_step=k)), reference[0][k:])
+    if layout == "cp2_share":  # CP rank 1 carries the second half of each pack's tiles, not the whole pack
+        from megatron_eagle.parallel.vision_cp import tile_shares
+
+        for b in (b for step in ref for b in step):
+            lo, hi = tile_shares(b.total_tiles, 2)[1]
+            assert (b.tile_offset, b.tile_offset + b.pixel_values.shape[0]) == (lo, hi)
+        assert sum(b.total_tiles > 1 for step in ref for b in step) > 3
+    else:
+        assert same_stream(stream(loader(data, 0, num_workers=workers, start_step=k)), reference[0][k:])
 
 
 def test_epochs_replan_with_a_new_seed_and_resume_across_them(data, reference):
@@ -140,32 +159,55 @@ def test_epochs_replan_with_a_new_seed_and_resume_across_them(data, reference):
     assert same_stream(stream(mk(start_step=n0 - 1)), full[n0 - 1:])
 
 
-def test_bad_media_is_skipped_logged_and_counted(data, reference, tmp_path, caplog):
+def corrupt_member(root, rec, member) -> None:
+    """Overwrite one shard member with zeros (same size, so the index still points at every member)."""
+    off, size = rec["members"][member]
+    with open(root / rec["shard"], "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)
+
+
+def test_bad_media_is_blanked_logged_and_counted(data, reference, tmp_path, caplog):
+    from megatron_eagle.data.pack_builder import BLANK_FLOAT, ROW_BLANKED
+    from megatron_eagle.models.batch import loss_weights_for
+
     bad = tmp_path / "bad"
     shutil.copytree(data["prepared"], bad)
     records = load_index(bad)
     rank0 = {i for step in reference[0] for b in step for _, i in b.sample_ids.tolist()}
     victim = next(i for i, r in enumerate(records) if r["media"] and r["media"][0]["type"] == "image" and i in rank0)
     rec = records[victim]
-    off, size = rec["members"][rec["media"][0]["member"]]
-    with open(bad / rec["shard"], "r+b") as f:
-        f.seek(off)
-        f.write(b"\0" * size)  # same size, so the index still points at every member
+    corrupt_member(bad, rec, rec["media"][0]["member"])
     cur = write_curriculum(tmp_path / "cur.yaml", bad, seq_len=L)
     ld = loader(data, 0, cur=cur)
     assert ld.fingerprint() == loader(data).fingerprint()
     with caplog.at_level(logging.WARNING, logger="megatron_eagle.loader"):
         got = stream(ld)
-    assert ld.metrics()["loader_errors"] == 1
+    m = ld.metrics()
+    assert m["loader_errors"] == 1 and m["rejected"] == [f"mix: {rec['shard']}:{rec['key']}"]
     assert any(rec["key"] in r.getMessage() and rec["shard"] in r.getMessage() for r in caplog.records)
+    hit = 0
     for a, b in zip(got, reference[0]):
         for x, y in zip(a, b):
             ids = y.sample_ids[:, 1].tolist()
-            if victim in ids:
-                assert x.sample_ids[:, 1].tolist() == [i for i in ids if i != victim]
-                check_batch(x, ld.pack_cfg)
-            else:
+            if victim not in ids:
                 assert same_batch(x, y)
+                continue
+            # the sub-sample stays in the pack (token side unchanged on every rank) but contributes nothing
+            hit += 1
+            check_batch(x, ld.pack_cfg)
+            k = ids.index(victim)
+            assert torch.equal(x.sample_ids, y.sample_ids) and x.row_status.tolist()[k] == ROW_BLANKED
+            for f in ("tokens", "position_ids", "cu_seqlens", "tile_positions"):
+                assert torch.equal(getattr(x, f), getattr(y, f)), f
+            s, e = x.cu_seqlens[k].item(), x.cu_seqlens[k + 1].item()
+            labels = y.labels.clone()
+            labels[s:e] = -100
+            assert torch.equal(x.labels, labels) and torch.equal(x.loss_weights, loss_weights_for(labels, x.cu_seqlens))
+            mine = (x.tile_positions >= s) & (x.tile_positions < e)
+            assert bool(mine.any()) and bool((x.pixel_values[mine] == BLANK_FLOAT).all())
+            assert torch.equal(x.pixel_values[~mine], y.pixel_values[~mine])
+    assert hit == 1
 
 
 def test_fsspec_url_reads_the_same_batches(data, reference, tmp_path):
@@ -201,6 +243,64 @@ def test_cp_and_sequence_parallel_padding(data, tmp_path):
             assert b.num_tokens % 4 == 0 and (torch.diff(b.cu_seqlens) % 4 == 0).all()
     fixed = stream(loader(data, 1, cur=cur, world_size=8, fixed_length=True), steps=1)[0]
     assert all(b.num_tokens == L for b in fixed)
+
+
+def tile_media(builder, batch) -> list[tuple[int, int, bool]]:
+    """(segment, medium, is video frame) of every pack tile, from the ADS plans (no decoding)."""
+    from megatron_eagle.data.ads import VideoPlan, plan_sample
+    from megatron_eagle.data.pack_builder import media_tiles
+
+    out = []
+    for k, (ds, idx) in enumerate(batch.sample_ids.tolist()):
+        src = builder.sources[ds]
+        for i, mp in enumerate(plan_sample(src.index[idx], L, src.ads).plan.media):
+            out += [(k, i, isinstance(mp, VideoPlan))] * media_tiles(mp)
+    return out
+
+
+TOKEN_SIDE = ("tokens", "labels", "loss_weights", "position_ids", "cu_seqlens", "max_seqlen", "tile_positions",
+              "sample_ids", "row_status", "pack_tiles")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_ranks_decode_only_their_share_and_the_shares_make_the_cp1_pack(data, tmp_path, cp):
+    from megatron_eagle.data.loader import rank_schedule
+    from megatron_eagle.data.pack_builder import PackBuilder
+    from megatron_eagle.parallel.vision_cp import tile_shares
+
+    cur = write_curriculum(tmp_path / "cur.yaml", data["prepared"], seq_len=L, parallel={"tp": 1, "pp": 1, "cp": cp})
+    ranks = [loader(data, 0, cur=cur, world_size=2 * cp, cp_rank=r) for r in range(cp)]
+    cfg = ranks[0].pack_cfg
+    assert cfg.cp_rank == 0 and ranks[-1].pack_cfg.cp_rank == cp - 1
+    cp1 = PackBuilder(ranks[0].sources, data["tok"], replace(cfg, cp=1, pad_to_multiple=1, cp_rank=None))
+    sched = rank_schedule(ranks[0].epoch_plan(0), 0)
+    split_media = video_split = 0
+    for item in range(len(sched.offsets) - 1):
+        rows = sched.rows(item)
+        ref, ref_info = cp1.build(rows)
+        got = [ld.builder.build(rows) for ld in ranks]
+        assert torch.equal(torch.cat([b.pixel_values for b, _ in got]), ref.pixel_values)  # bit-exact
+        n = ref.pixel_values.shape[0]
+        tiles = tile_media(cp1, ref)
+        owners: dict[tuple[int, int], set[int]] = {}
+        for r, ((b, info), (lo, hi)) in enumerate(zip(got, tile_shares(n, cp))):
+            check_batch(b, ranks[r].pack_cfg)
+            assert (b.tile_offset, b.tile_offset + b.pixel_values.shape[0], b.pack_tiles) == (lo, hi, n)
+            for f in TOKEN_SIDE:  # identical on every CP rank
+                x, y = getattr(b, f), getattr(got[0][0], f)
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f
+            # decoded only its share: its tiles, its video frames, only the media overlapping it
+            mine = tiles[lo:hi]
+            assert info.share_tiles == hi - lo and info.tiles == n
+            assert info.frames == sum(v for _, _, v in mine)
+            assert info.media == len({(k, i) for k, i, _ in mine})
+            for k, i, _ in mine:
+                owners.setdefault((k, i), set()).add(r)
+        assert sum(i.frames for _, i in got) == ref_info.frames  # every frame decoded exactly once
+        split = [key for key, rs in owners.items() if len(rs) > 1]
+        split_media += len(split)
+        video_split += sum(any(v for k, i, v in tiles if (k, i) == key) for key in split)
+    assert split_media > 0 and video_split > 0  # media (videos too) cut between two ranks' shares were tested
 
 
 def test_dp_change_is_refused_mid_stage_but_fine_at_a_new_stage(data, tmp_path):
@@ -248,6 +348,111 @@ def test_tp_broadcast_gives_identical_batches_and_the_model_runs_them(data, tmp_
     assert all(r["equal"] for r in res) and all(r["packs"] == 4 and r["errors"] == 0 for r in res)
     assert res[0]["losses"] == res[1]["losses"] and all(np.isfinite(res[0]["losses"]))
     assert all(x > 0 for x in res[0]["losses"])
+
+
+def _cp2_agreement(rank, world, curs, victim, diverged):
+    """CP=2 loaders (each decodes its share) -> agree_on_batches -> model at CP=2, against CP=1 on the
+    good data with the victim's loss weights removed; then a pack whose token side differs per rank."""
+    import logging as _logging
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_eagle.config import ParallelConfig, preset_model_config
+    from megatron_eagle.models.batch import loss_weights_for
+    from megatron_eagle.runtime.distributed import init_model_parallel, replica_group
+    from megatron_eagle.training.agreement import agree_on_batches
+    from tests.model_fixtures import full_reference_state
+    from tests.test_cp import compare, run_model
+
+    seen = []
+    handler = _logging.Handler(_logging.WARNING)
+    handler.emit = lambda r: seen.append(r.getMessage())
+    _logging.getLogger("megatron_eagle.loader").addHandler(handler)
+    cfg, tok = preset_model_config("tiny"), str(tiny_tokenizer_dir())
+    kw = dict(world_size=2, dp_rank=0, num_workers=0)
+    step, micro, seg = victim
+    init_model_parallel(1, 1, 1)
+    state = full_reference_state(cfg)
+    ref = stream(build_stage_loader(curs["good"], "s1", tok, cfg, start_step=step, **kw), steps=1)[0][micro]
+    s, e = ref.cu_seqlens[seg].item(), ref.cu_seqlens[seg + 1].item()
+    ref.labels[s:e] = -100  # the same pack, the victim contributing nothing
+    ref.loss_weights = loss_weights_for(ref.labels, ref.cu_seqlens)
+    expected = run_model(cfg, ParallelConfig(), state, ref)
+
+    init_model_parallel(1, 1, 2)
+    group = replica_group(ps.get_data_parallel_rank())
+    out = {"seen": seen}
+    for name, at in (("victim", step), ("diverged", diverged[0])):
+        ld = build_stage_loader(curs[rank], "s1", tok, cfg, cp_rank=rank, start_step=at, **kw)
+        batches = next(iter(ld))
+        agreed = agree_on_batches(batches, group, "sqrt", ld.pack_cfg.pad_id)
+        ld.settle(agreed)
+        m = micro if name == "victim" else diverged[1]
+        got = run_model(cfg, ParallelConfig(cp=2), state, agreed[m])
+        out[name] = {"local": [b.row_status.tolist() for b in batches], "agreed": [b.row_status.tolist() for b in agreed],
+                     "metrics": ld.metrics(), "loss": got["loss"], "tokens": agreed[m].tokens,
+                     "weights": agreed[m].loss_weights, "labels": agreed[m].labels}
+        if name == "victim":
+            out[name]["cmp"] = compare(expected, got)
+            out[name]["same_weights"] = torch.equal(agreed[m].loss_weights, ref.loss_weights)
+            out[name]["same_labels"] = torch.equal(agreed[m].labels, ref.labels)
+    return out
+
+
+def test_cp2_bad_medium_in_one_share_is_agreed_on_counted_once_and_drops_out_of_the_loss(data, tmp_path):
+    """A corrupt medium inside CP rank 1's share only: no crash, no hang, both ranks blank the same
+    sub-sample, the loss and gradients equal CP=1 on the good pack without that sub-sample's loss weights,
+    and the rejection is counted and named once. A JSON member corrupt on rank 0's copy only (a token side
+    that differs per rank, as a transient read error would) turns that pack into the same padding pack."""
+    from megatron_eagle.parallel.vision_cp import tile_shares
+
+    good = write_curriculum(tmp_path / "good.yaml", data["prepared"], seq_len=L, parallel={"tp": 1, "pp": 1, "cp": 2})
+    full = stream(loader(data, 0, cur=good, world_size=2))
+    records = load_index(data["prepared"])
+    victim = None
+    for step, batches in enumerate(full):
+        for m, b in enumerate(batches):
+            lo1 = tile_shares(b.total_tiles, 2)[1][0]
+            for k, (_, idx) in enumerate(b.sample_ids.tolist()):
+                s, e = b.cu_seqlens[k].item(), b.cu_seqlens[k + 1].item()
+                t = torch.nonzero((b.tile_positions >= s) & (b.tile_positions < e)).squeeze(1)
+                if victim is None and t.numel() and int(t.min()) >= lo1:
+                    victim, vidx = (step, m, k), idx
+    assert victim is not None
+    other = next(step for step in range(len(full)) if step != victim[0])
+    didx = full[other][1].sample_ids[0, 1].item()
+    bad1, bad0 = tmp_path / "bad1", tmp_path / "bad0"
+    shutil.copytree(data["prepared"], bad1)
+    corrupt_member(bad1, records[vidx], records[vidx]["media"][0]["member"])
+    shutil.copytree(bad1, bad0)
+    corrupt_member(bad0, records[didx], "json")
+    par = {"tp": 1, "pp": 1, "cp": 2}
+    curs = {"good": str(good), 0: str(write_curriculum(tmp_path / "bad0.yaml", bad0, seq_len=L, parallel=par)),
+            1: str(write_curriculum(tmp_path / "bad1.yaml", bad1, seq_len=L, parallel=par))}
+    res = run_distributed(_cp2_agreement, 2, curs, victim, (other, 1))
+
+    name = f"mix: {records[vidx]['shard']}:{records[vidx]['key']}"
+    step, m, k = victim
+    v = [r["victim"] for r in res]
+    assert v[0]["local"][m][k] == 0 and v[1]["local"][m][k] == 1  # only rank 1 decoded (and failed) it
+    assert v[0]["agreed"] == v[1]["agreed"] and v[0]["agreed"][m][k] == 1
+    assert sum(x != 0 for b in v[0]["agreed"] for x in b) == 1
+    for r in v:
+        assert r["metrics"]["loader_errors"] == 1 and r["metrics"]["rejected"] == [name]  # once, named
+        assert r["same_weights"] and r["same_labels"]
+        d = r["cmp"]
+        assert d["same_params"] and d["loss"] <= 1e-5 * r["loss"], d
+        assert d["grad"] < 1e-6 or d["grad_rel"] < 1e-4, d
+    assert [any(records[vidx]["key"] in msg and "cannot decode" in msg for msg in r["seen"]) for r in res] \
+        == [False, True]  # the rank that hit it says why
+    dv = [r["diverged"] for r in res]
+    row = full[other][1].sample_ids[:, 1].tolist().index(didx)
+    assert dv[0]["local"][1][row] == 2 and dv[1]["local"][1][row] == 0
+    assert dv[0]["agreed"] == dv[1]["agreed"] and set(dv[0]["agreed"][1]) == {2}  # the whole pack, on both
+    assert torch.equal(dv[0]["tokens"], dv[1]["tokens"]) and not bool(dv[0]["weights"].any())
+    assert dv[0]["loss"] == dv[1]["loss"] == 0.0
+    n_rows = len(dv[0]["agreed"][1])
+    assert all(r["metrics"]["loader_errors"] == n_rows for r in dv)
 
 
 class _StallOnce:

@@ -1,9 +1,11 @@
 """Send a LoaderBatch from one rank to the others of a group (TP ranks of one DP rank).
 
 Four collectives per micro-batch: a fixed-size int64 header (shapes, max_seqlen, pixel dtype,
-error count), then one int64 buffer (tokens, labels, positions, cu_seqlens, tile positions,
-sample ids), the float32 loss weights, and the pixels (float32 or uint8). Works with gloo (CPU
-tensors) and NCCL (tensors on the current CUDA device; receivers get the batch on the device).
+error count, tile share), then one int64 buffer (tokens, labels, positions, cu_seqlens, tile
+positions, sample ids, row status), the float32 loss weights, and the pixels (float32 or uint8).
+With CP > 1 the group is one CP rank's TP group, whose source built that CP rank's tile share.
+Works with gloo (CPU tensors) and NCCL (tensors on the current CUDA device; receivers get the
+batch on the device).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_eagle.data.pack_builder import LoaderBatch
 
-_HEADER = 9
+_HEADER = 12
 _DTYPES = {0: torch.float32, 1: torch.uint8}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
@@ -42,14 +44,16 @@ def broadcast_batch(batch: Optional[LoaderBatch], src: int, group: Any, errors: 
         pv = b.pixel_values
         header = torch.tensor([b.tokens.numel(), b.cu_seqlens.numel(), pv.shape[0], pv.shape[-1] if pv.dim() == 4
                                else 0, b.tile_positions.numel(), b.sample_ids.shape[0], b.max_seqlen,
-                               _CODES[pv.dtype], errors], dtype=torch.int64)
+                               _CODES[pv.dtype], errors, b.tile_offset, _or(b.pack_tiles),
+                               _or(None if b.row_status is None else b.row_status.numel())], dtype=torch.int64)
     header = header.to(dev)
     dist.broadcast(header, src, group=group)
-    T, n_cu, n_tiles, S, n_pos, n_smp, max_seqlen, code, errors = header.tolist()
-    n_int = 3 * T + n_cu + n_pos + 2 * n_smp
+    T, n_cu, n_tiles, S, n_pos, n_smp, max_seqlen, code, errors, offset, pack_tiles, n_rows = header.tolist()
+    n_int = 3 * T + n_cu + n_pos + 2 * n_smp + max(n_rows, 0)
     if is_src:
+        status = [] if b.row_status is None else [b.row_status.long()]
         ints = torch.cat([b.tokens.long(), b.labels.long(), b.position_ids.long(), b.cu_seqlens.long(),
-                          b.tile_positions.long(), b.sample_ids.long().reshape(-1)]).to(dev)
+                          b.tile_positions.long(), b.sample_ids.long().reshape(-1), *status]).to(dev)
         weights = b.loss_weights.float().to(dev)
         pixels = b.pixel_values.contiguous().to(dev)
     else:
@@ -62,9 +66,15 @@ def broadcast_batch(batch: Optional[LoaderBatch], src: int, group: Any, errors: 
         dist.broadcast(pixels, src, group=group)
     if is_src and dev.type == "cpu":
         return batch, errors
-    parts = torch.split(ints, [T, T, T, n_cu, n_pos, 2 * n_smp])
+    parts = torch.split(ints, [T, T, T, n_cu, n_pos, 2 * n_smp, max(n_rows, 0)])
     out = LoaderBatch(tokens=parts[0], labels=parts[1], loss_weights=weights, position_ids=parts[2],
                       cu_seqlens=parts[3].to(torch.int32), pixel_values=pixels.reshape(n_tiles, 3, S, S)
                       if n_tiles else pixels, max_seqlen=int(max_seqlen), tile_positions=parts[4],
-                      sample_ids=parts[5].reshape(-1, 2))
+                      sample_ids=parts[5].reshape(-1, 2), row_status=parts[6] if n_rows >= 0 else None,
+                      tile_offset=int(offset), pack_tiles=pack_tiles if pack_tiles >= 0 else None)
     return out, errors
+
+
+def _or(n: Optional[int]) -> int:
+    """An optional count for the header (-1 = None)."""
+    return -1 if n is None else int(n)

@@ -20,10 +20,18 @@ Workers. ``num_workers`` = 0 builds packs inline; otherwise a torch DataLoader (
 over this rank's items of the epoch, ``prefetch`` packs in flight per worker. A worker that stops
 delivering for ``worker_timeout_s`` is replaced and the stream continues from the same item.
 
-TP/CP ranks of one DP rank need identical batches: ``tp_mode="duplicate"`` (default) has each rank
-build them (deterministic, no communication, TP x the CPU work); ``"broadcast"`` builds on the
-group's first rank and broadcasts (:mod:`.batch_broadcast`). Pipeline stages: the first stage
-decodes media; the others need tokens/labels/cu_seqlens only (``media=False``, no decoding).
+TP/CP ranks of one DP rank need the same token side: ``tp_mode="duplicate"`` (default) has each rank
+build it (deterministic, no communication, TP x CP x the tokenization); ``"broadcast"`` builds on
+the TP group's first rank and broadcasts over TP (:mod:`.batch_broadcast`). With CP > 1 each CP
+rank (``cp_rank``) decodes only its share of the pack's tiles, so the CPU decoding, host memory and
+host-to-device copies of pixels are split CP ways; under ``broadcast`` each CP rank's TP source
+builds that CP rank's share. Pipeline stages: the first stage decodes media; the others need
+tokens/labels/cu_seqlens only (``media=False``, no decoding).
+
+Bad data. ``row_status`` of each batch says which plan rows were left out or blanked on this rank;
+the trainer agrees on the union over the replica (:mod:`megatron_eagle.training.agreement`) and
+hands the agreed batches to :meth:`StageLoader.settle`, so ``metrics()["loader_errors"]`` counts
+each rejection once for the replica (not once per rank that saw it) and ``["rejected"]`` names it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import numpy as np
 import torch
 
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_eagle.data.pack_builder import LoaderBatch, PackBuilder, PackConfig, PackInfo, pack_config
+from megatron_eagle.data.pack_builder import ROW_USED, LoaderBatch, PackBuilder, PackConfig, PackInfo, pack_config
 from megatron_eagle.data.plan import Plan
 from megatron_eagle.data.sources import DataSource, open_source
 
@@ -151,7 +159,8 @@ class StageLoader:
                  media: bool = True, weighting: Literal["sqrt", "token"] = "sqrt",
                  pixel_dtype: Literal["float32", "uint8"] = "float32", fixed_length: bool = False,
                  tp_mode: Literal["duplicate", "broadcast"] = "duplicate", tp_group: Any = None,
-                 pin_memory: bool = False, worker_timeout_s: float = 600.0, cache_dir: Optional[str] = None):
+                 pin_memory: bool = False, worker_timeout_s: float = 600.0, cache_dir: Optional[str] = None,
+                 cp_rank: Optional[int] = None):
         self.stage = stage
         self._plan_fn = plan if callable(plan) else None
         self._plans: dict[int, Plan] = {} if callable(plan) else {0: plan}
@@ -177,7 +186,8 @@ class StageLoader:
             raise ConfigError("sources", f"{len(self.sources)} data sources for datasets {p0.datasets}",
                               "pass one prepared directory per dataset of the plan, in plan order")
         self.pack_cfg: PackConfig = pack_config(model, parallel, self.seq_len, tokenizer, weighting=weighting,
-                                                decode_media=media, pixel_dtype=pixel_dtype, fixed_length=fixed_length)
+                                                decode_media=media, pixel_dtype=pixel_dtype, fixed_length=fixed_length,
+                                                cp_rank=cp_rank if parallel.cp > 1 else None)
         self.builder = PackBuilder(self.sources, tokenizer, self.pack_cfg)
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
         self.worker_timeout_s = worker_timeout_s
@@ -194,6 +204,7 @@ class StageLoader:
         self._fingerprint: Optional[str] = None
         self._metrics = self._zero_metrics()
         self._loader_errors = 0
+        self._pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # last step: (rows, local row_status)
         self._active: Optional[Iterator[Any]] = None
         self.seek(start_step)
 
@@ -268,32 +279,64 @@ class StageLoader:
 
     # -- metrics -------------------------------------------------------------------------
     @staticmethod
-    def _zero_metrics() -> dict[str, float]:
-        return dict(steps=0, packs=0, samples=0, tokens=0, real_tokens=0, tiles=0, frames=0, loader_errors=0,
-                    wait_s=0.0, build_s=0.0)
+    def _zero_metrics() -> dict[str, Any]:
+        return dict(steps=0, packs=0, samples=0, tokens=0, real_tokens=0, tiles=0, decoded_tiles=0, frames=0,
+                    media=0, loader_errors=0, rejected=[], wait_s=0.0, build_s=0.0)
 
-    def metrics(self, reset: bool = False) -> dict[str, float]:
-        """Counters since the last reset: packs, samples, tokens (padded / real), tiles, frames,
-        ``loader_errors`` (sub-samples left out), ``wait_s`` (time the trainer waited on the loader)
-        and ``build_s`` (CPU time spent building those packs, summed over workers)."""
-        m = dict(self._metrics)
+    def metrics(self, reset: bool = False) -> dict[str, Any]:
+        """Counters since the last reset: packs, samples (used sub-samples), tokens (padded / real),
+        tiles (of the packs), decoded_tiles / frames / media (what this rank decoded: its CP share),
+        ``loader_errors`` (sub-samples left out or blanked) with ``rejected`` naming them
+        ("dataset: shard:key"), ``wait_s`` (time the trainer waited on the loader) and ``build_s``
+        (CPU time spent building those packs, summed over workers). After :meth:`settle` the
+        rejections are the replica's agreed ones, each counted once."""
+        m = dict(self._metrics, rejected=list(self._metrics["rejected"]))
         m["loader_errors_total"] = self._loader_errors
         if reset:
             self._metrics = self._zero_metrics()
         return m
 
-    def _account(self, batch: LoaderBatch, info: Optional[PackInfo], errors: int) -> None:
+    def _reject(self, rows: Sequence[tuple[int, int]], status: torch.Tensor, note: str = "") -> int:
+        """Count and name the rows of one pack whose ``status`` marks them rejected."""
+        bad = torch.nonzero(status.cpu() != ROW_USED).squeeze(1).tolist()
+        for r in bad:
+            name = self.builder.describe(*rows[r]) if r < len(rows) else f"row {r}"
+            self._metrics["rejected"].append(name)
+            if note:
+                log.info("loader: %s %s", name, note)
+        self._metrics["loader_errors"] += len(bad)
+        self._metrics["samples"] -= len(bad)
+        self._loader_errors += len(bad)
+        return len(bad)
+
+    def _account(self, batch: LoaderBatch, info: Optional[PackInfo], rows: Sequence[tuple[int, int]]) -> None:
         m = self._metrics
+        status = batch.statuses()
         m["packs"] += 1
-        m["samples"] += batch.num_samples
+        m["samples"] += len(status)
         m["tokens"] += batch.num_tokens
-        m["loader_errors"] += errors
-        self._loader_errors += errors
+        m["tiles"] += batch.total_tiles
+        self._reject(rows, status)
+        self._pending.append((list(rows), status.cpu().clone()))
         if info is not None:
             m["real_tokens"] += info.real_tokens
-            m["tiles"] += info.tiles
+            m["decoded_tiles"] += info.share_tiles
             m["frames"] += info.frames
+            m["media"] += info.media
             m["build_s"] += info.build_s
+
+    def settle(self, agreed: Sequence[LoaderBatch]) -> int:
+        """Take the replica's agreed view of the last step's batches (``agree_on_batches``): rows
+        rejected on another rank of the replica are counted and named here too, so every rank's
+        metrics hold each of the replica's rejections exactly once. Returns how many were added."""
+        if len(agreed) != len(self._pending):
+            raise ValueError(f"settle: {len(agreed)} batches for a step of {len(self._pending)}")
+        added = 0
+        for b, (rows, local) in zip(agreed, self._pending):
+            new = (b.statuses().cpu() != ROW_USED) & (local == ROW_USED)
+            added += self._reject(rows, new.long(), "rejected by another rank of this replica")
+        self._pending = []
+        return added
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[LoaderBatch]]:
@@ -305,23 +348,23 @@ class StageLoader:
     def _run_epoch(self, epoch: int, start: int, end: int) -> Iterator[list[LoaderBatch]]:
         k = self.micro_batches
         items: Optional[Iterator[tuple[LoaderBatch, PackInfo]]] = None
+        sched = rank_schedule(self.epoch_plan(epoch), self.dp_rank)
         if self._is_src:
-            sched = rank_schedule(self.epoch_plan(epoch), self.dp_rank)
             items = self._items(sched, (self._step - start) * k, (end - start) * k)
         while self._step < end:
             batches = []
-            for _ in range(k):
+            self._pending = []
+            for m in range(k):
                 t0 = time.perf_counter()
-                batch, info, errors = None, None, 0
+                batch, info = None, None
                 if items is not None:
                     batch, info = next(items)
-                    errors = len(info.errors)
                 if self.tp_mode == "broadcast":
                     from megatron_eagle.data.batch_broadcast import broadcast_batch
 
-                    batch, errors = broadcast_batch(batch, self._src_rank, self.tp_group, errors)
+                    batch, _ = broadcast_batch(batch, self._src_rank, self.tp_group)
                 self._metrics["wait_s"] += time.perf_counter() - t0
-                self._account(batch, info, errors)
+                self._account(batch, info, sched.rows((self._step - start) * k + m))
                 batches.append(batch)
             self._step += 1  # before yielding: a checkpoint taken after this step resumes at the next
             self._metrics["steps"] += 1

@@ -27,7 +27,8 @@ def cp_embed(model, batch: PackedBatch, layout: CPLayout) -> torch.Tensor:
     if batch.pixel_values.shape[0] or bool((batch.tokens == cfg.image_token_id).any()):
         keep = list(model.vision_model.parameters()) + list(model.connector.parameters())
         vis = encode_and_route(model.encode_images, batch.pixel_values, batch.tokens, layout, cfg.image_token_id,
-                               cfg.tokens_per_tile, emb.shape[-1], emb.dtype, keepalive=keep)
+                               cfg.tokens_per_tile, emb.shape[-1], emb.dtype, keepalive=keep,
+                               tile_offset=getattr(batch, "tile_offset", None))  # a loader batch: its CP share
         if vis.shape[0] != int(slots.sum()):  # routing bug guard: never scatter misaligned rows
             raise RuntimeError(f"CP rank {layout.ctx.rank}: {int(slots.sum())} local image slots, "
                                f"{vis.shape[0]} visual tokens routed here")

@@ -93,10 +93,26 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+_REPLICA_GROUPS: dict[tuple, dict[int, object]] = {}
+
+
+def replica_group(dp_rank: int):
+    """The process group of this rank's data-parallel replica: every rank (TP x CP x PP) with the same
+    DP rank, i.e. every rank that trains on this rank's packs. A collective over the world: each rank
+    passes its DP rank (``parallel_state.get_data_parallel_rank()``); cached per layout."""
+    dps: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dps, int(dp_rank))
+    key = (id(dist.group.WORLD), tuple(dps))
+    if key not in _REPLICA_GROUPS:  # every rank creates every replica's group, in the same order
+        _REPLICA_GROUPS[key] = {d: dist.new_group([r for r, x in enumerate(dps) if x == d]) for d in sorted(set(dps))}
+    return _REPLICA_GROUPS[key][int(dp_rank)]
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
+        _REPLICA_GROUPS.clear()
         dist.destroy_process_group()

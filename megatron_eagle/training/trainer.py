@@ -22,8 +22,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
 from megatron_eagle.config import ConfigError
+from megatron_eagle.data.pack_builder import pack_tile_count
 from megatron_eagle.models.eagle import build_model
-from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel
+from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, replica_group
+from megatron_eagle.training.agreement import agree_on_batches, rejected_rows
 from megatron_eagle.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from megatron_eagle.training.flops import step_flops
 from megatron_eagle.training.metrics import MetricsWriter, peak_memory_gib
@@ -48,6 +50,7 @@ class StageContext:
     scheduler: Any
     loader: Any
     model_cfg: Any
+    replica_group: Any = None  # the TP x CP x PP ranks of this DP replica (they agree on every pack)
     step: int = 0
 
 
@@ -116,10 +119,11 @@ class Trainer:
             dp_rank=ps.get_data_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
             data_dirs=cfg.data or None, base_dir=Path(cfg.curriculum).parent, num_workers=cfg.train.num_workers,
             prefetch=cfg.train.prefetch, tp_mode=cfg.train.tp_data_mode,
-            tp_group=ps.get_tensor_model_parallel_group(), weighting=cfg.loss.weighting,
-            cache_dir=str(self.run_dir / "cache"))
+            tp_group=ps.get_tensor_model_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
+            weighting=cfg.loss.weighting, cache_dir=str(self.run_dir / "cache"))
         scheduler = build_scheduler(optimizer, optim, loader.total_steps)
-        ctx = StageContext(index, stage, ddp, optimizer, scheduler, loader, model_cfg)
+        ctx = StageContext(index, stage, ddp, optimizer, scheduler, loader, model_cfg,
+                           replica_group=replica_group(ps.get_data_parallel_rank()))
         if weights is not None:
             kind, path = weights
             meta = load_checkpoint(path, [ddp], optimizer, load_optimizer=kind == "resume")
@@ -234,25 +238,29 @@ class Trainer:
         ctx.ddp.zero_grad_buffer()
         ctx.optimizer.zero_grad()
         poison = (self.global_step + 1) in cfg.train.inject_nonfinite_steps
+        # CP ranks decode different tiles and may see different bad media: agree before the forward.
+        batches = agree_on_batches(batches, ctx.replica_group, cfg.loss.weighting, ctx.loader.pack_cfg.pad_id)
+        ctx.loader.settle(batches)
         losses = forward_backward(ctx.ddp, batches, self.rt.device, poison_loss=poison)
 
         # One all-reduce carries everything every rank must agree on.
         data_rank = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        tokens = flops = 0.0
-        if data_rank and first:
+        tokens = flops = rejected = 0.0
+        if data_rank and first:  # one rank per replica
+            rejected = float(rejected_rows(batches))
             for b in batches:
                 n_sub = b.num_samples
                 bounds = b.cu_seqlens.tolist()
                 lens = [bounds[i + 1] - bounds[i] for i in range(n_sub)]
                 tokens += sum(lens)
-                flops += step_flops(ctx.model_cfg, ctx.model_cfg.freeze, lens, int(b.pixel_values.shape[0]),
+                flops += step_flops(ctx.model_cfg, ctx.model_cfg.freeze, lens, pack_tile_count(b),
                                     int((b.labels >= 0).sum()))
         loss_sum = sum(losses) if (data_rank and last) else 0.0
         n_loss = float(len(losses)) if (data_rank and last) else 0.0
         time_due = self.is_rank0 and (time.time() - self.last_save_time) > cfg.train.save_every_minutes * 60
-        vec = torch.tensor([loss_sum, n_loss, tokens, flops, float(self.preempt.requested), float(time_due),
-                            wait], dtype=torch.float64, device=self.rt.device)  # NCCL reduces CUDA tensors only
+        vec = torch.tensor([loss_sum, n_loss, tokens, flops, float(self.preempt.requested), float(time_due), wait,
+                            rejected], dtype=torch.float64, device=self.rt.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(vec)
         loss = vec[0].item() / max(vec[1].item(), 1.0)
 
@@ -276,7 +284,7 @@ class Trainer:
                       grad_norm=grad_norm, lr=lr, tokens=int(tokens_total),
                       tokens_per_s=tokens_total / elapsed, mfu=mfu, loader_wait_s=vec[6].item() / self.world,
                       peak_mem_gib=peak_memory_gib(), skipped=self.skipped_total, step_time_s=elapsed,
-                      updated=updated)
+                      updated=updated, loader_errors=int(vec[7].item()))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         stop = None
