@@ -45,5 +45,5 @@ def test_cp2_training_losses_equal_cp1(tmp_path, variant):
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
-        assert b["updated"] and a["updated"]
+        assert b["updated"] and a["updated"] and a["loader_errors"] == b["loader_errors"] == 0
     assert got[-1]["loss"] < got[0]["loss"]

@@ -1,5 +1,6 @@
 """The resumable loader on a really prepared dataset: coverage, pack limits, exact resume with any
-worker count, epochs, bad data, fsspec URLs, CP/SP padding, TP broadcast and a tiny model forward."""
+worker count, epochs, bad data, fsspec URLs, CP/SP padding, CP tile shares (each CP rank decodes only
+its share; the replica agrees on bad sub-samples), TP broadcast and a tiny model forward."""
 
 from __future__ import annotations
 
@@ -315,7 +316,7 @@ def test_dp_change_is_refused_mid_stage_but_fine_at_a_new_stage(data, tmp_path):
     assert loader(data, 0, world_size=4, state=dict(state, step=0)).step == 0
 
 
-def _tp_broadcast_and_forward(rank, world, cur, prepared):
+def _tp_broadcast_and_forward(rank, world, cur, prepared, cp_cur):
     from megatron.core import parallel_state as ps
 
     from megatron_eagle.config import ParallelConfig, preset_model_config
@@ -339,13 +340,26 @@ def _tp_broadcast_and_forward(rank, world, cur, prepared):
             n_ctx = int((b.tokens == model_cfg.image_token_id).sum())
             assert n_ctx == b.pixel_values.shape[0] * model_cfg.tokens_per_tile
             losses.append(float(model(b)))
-    return {"equal": equal, "losses": losses, "errors": bc.metrics()["loader_errors"], "packs": bc.metrics()["packs"]}
+    # with CP, the TP group of CP rank 1 broadcasts that rank's tile share from its TP source
+    kw = dict(world_size=8, dp_rank=1, cp_rank=1, num_workers=0)
+    cp_bc = stream(build_stage_loader(cp_cur, "s1", tok, model_cfg, tp_mode="broadcast",
+                                      tp_group=ps.get_tensor_model_parallel_group(), **kw), steps=2)
+    cp_own = stream(build_stage_loader(cp_cur, "s1", tok, model_cfg, **kw), steps=2)
+    shares = [(b.tile_offset, b.pixel_values.shape[0], b.total_tiles) for step in cp_bc for b in step]
+    return {"equal": equal, "losses": losses, "errors": bc.metrics()["loader_errors"], "packs": bc.metrics()["packs"],
+            "cp_equal": same_stream(cp_bc, cp_own), "shares": shares}
 
 
 def test_tp_broadcast_gives_identical_batches_and_the_model_runs_them(data, tmp_path):
+    from megatron_eagle.parallel.vision_cp import tile_shares
+
     cur = write_curriculum(tmp_path / "cur.yaml", data["prepared"], seq_len=L, parallel={"tp": 2, "pp": 1, "cp": 1})
-    res = run_distributed(_tp_broadcast_and_forward, 2, str(cur), str(data["prepared"]))
+    cp_cur = write_curriculum(tmp_path / "cp.yaml", data["prepared"], seq_len=L, parallel={"tp": 2, "pp": 1, "cp": 2})
+    res = run_distributed(_tp_broadcast_and_forward, 2, str(cur), str(data["prepared"]), str(cp_cur))
     assert all(r["equal"] for r in res) and all(r["packs"] == 4 and r["errors"] == 0 for r in res)
+    assert all(r["cp_equal"] for r in res) and res[0]["shares"] == res[1]["shares"]
+    assert all((off, off + n) == tile_shares(total, 2)[1] for off, n, total in res[0]["shares"])
+    assert any(n < total for _, n, total in res[0]["shares"])
     assert res[0]["losses"] == res[1]["losses"] and all(np.isfinite(res[0]["losses"]))
     assert all(x > 0 for x in res[0]["losses"])
 

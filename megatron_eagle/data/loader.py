@@ -204,7 +204,7 @@ class StageLoader:
         self._fingerprint: Optional[str] = None
         self._metrics = self._zero_metrics()
         self._loader_errors = 0
-        self._pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # last step: (rows, local row_status)
+        self._pending: list[tuple[list[tuple[int, int]], LoaderBatch]] = []  # the last step: (rows, batch as built)
         self._active: Optional[Iterator[Any]] = None
         self.seek(start_step)
 
@@ -317,7 +317,7 @@ class StageLoader:
         m["tokens"] += batch.num_tokens
         m["tiles"] += batch.total_tiles
         self._reject(rows, status)
-        self._pending.append((list(rows), status.cpu().clone()))
+        self._pending.append((list(rows), batch))
         if info is not None:
             m["real_tokens"] += info.real_tokens
             m["decoded_tiles"] += info.share_tiles
@@ -333,7 +333,9 @@ class StageLoader:
             raise ValueError(f"settle: {len(agreed)} batches for a step of {len(self._pending)}")
         added = 0
         for b, (rows, local) in zip(agreed, self._pending):
-            new = (b.statuses().cpu() != ROW_USED) & (local == ROW_USED)
+            if b is local:  # agreement changed nothing
+                continue
+            new = (b.statuses().cpu() != ROW_USED) & (local.statuses().cpu() == ROW_USED)
             added += self._reject(rows, new.long(), "rejected by another rank of this replica")
         self._pending = []
         return added

@@ -73,6 +73,8 @@ def settle_batch(batch: LoaderBatch, hi: torch.Tensor, lo: torch.Tensor, weighti
     left_out_somewhere = st_hi == ROW_LEFT_OUT
     if not torch.equal(fp_hi, fp_lo) or bool((left_out_somewhere & (st_lo != ROW_LEFT_OUT)).any()):
         return padding_pack(batch, int(fp_hi[0]), int(st_hi.numel()), pad_id), True
+    if torch.equal(st_hi, st_lo):  # every rank saw the same: nothing to change
+        return batch, False
     local = batch.statuses().cpu()
     in_pack = local != ROW_LEFT_OUT
     seg = torch.cumsum(in_pack.long(), 0) - 1  # row -> cu_seqlens segment
@@ -88,11 +90,12 @@ def agree_on_batches(batches: Sequence[LoaderBatch], group, weighting: Literal["
     loader used; ``pad_id`` (not ``<IMG_CONTEXT>``) fills a replaced pack. One all-reduce."""
     if group is None or dist.get_world_size(group) == 1:
         return list(batches)
-    parts = [summary(b).cpu() for b in batches]
+    dev = group_device(group)
+    parts = [summary(b).to(dev) for b in batches]
     vec = torch.cat(parts)
-    both = torch.cat([vec, -vec]).to(group_device(group))
+    both = torch.cat([vec, -vec])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    both = both.cpu()
+    both = both.cpu()  # the one host sync
     hi, lo = both[:vec.numel()], -both[vec.numel():]
     out, start = [], 0
     for i, (b, p) in enumerate(zip(batches, parts)):
