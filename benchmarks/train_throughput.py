@@ -94,6 +94,8 @@ class Variant:
     sp: bool = False
     vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
     profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
+    fused_rope: bool = True  # the torch.compile'd RoPE rotation on GPUs (False: megatron's eager ops)
+    wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
     doc_mask: bool = True  # hf
     grad_ckpt: bool = False  # hf
 
@@ -128,6 +130,10 @@ def parse_variant(name: str) -> Variant:
             kw["vit_fusion"] = False
         elif t == "prof":
             kw["profile"] = True
+        elif t == "no-fused-rope":
+            kw["fused_rope"] = False
+        elif t == "no-wgrad-fusion":
+            kw["wgrad_fusion"] = False
         elif t == "legacy-rope":
             kw["legacy_rope"] = True
         elif t == "local-mt":
@@ -362,7 +368,10 @@ class OursSide:
             self._patch(loss, "_chunk_ce", _legacy_chunk_ce)
         if v.legacy_gqa:
             self._patch(attention, "GQA_NATIVE", False)
+        if not v.fused_rope:
+            self._patch(rope, "FUSED", False)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
+                            wgrad_fusion=v.wgrad_fusion,
                             overlap_grad_reduce=v.overlap, overlap_param_gather=v.overlap)
         bf16 = mc.params_dtype == "bfloat16"
         self.ddp = wrap_ddp(model, optim, bf16)

@@ -9,6 +9,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_eagle.training import wgrad_fusion
+
 
 @dataclass
 class OptimConfig:
@@ -29,6 +31,9 @@ class OptimConfig:
     fused_adam: bool = True
     # Gradient buffers (and DP reduction) in fp32; False halves their memory (bf16 grads).
     grad_reduce_in_fp32: bool = True
+    # Weight-gradient GEMMs accumulate straight into the grad buffers (training/wgrad_fusion.py);
+    # used where the GPU build of torch has the fused GEMM.
+    wgrad_fusion: bool = True
 
 
 def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> DistributedDataParallel:
@@ -41,7 +46,11 @@ def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> Distribu
         check_for_nan_in_grad=False,  # non-finite steps are skipped by the trainer instead
         bucket_size=None if not torch.cuda.is_available() else 40_000_000,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+    device = next(model.parameters()).device
+    if optim.wgrad_fusion and wgrad_fusion.available(device):
+        wgrad_fusion.enable(model)
+    return ddp
 
 
 def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, bf16: bool):
