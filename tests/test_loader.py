@@ -451,6 +451,8 @@ def test_cp2_bad_medium_in_one_share_is_agreed_on_counted_once_and_drops_out_of_
     assert v[0]["local"][m][k] == 0 and v[1]["local"][m][k] == 1  # only rank 1 decoded (and failed) it
     assert v[0]["agreed"] == v[1]["agreed"] and v[0]["agreed"][m][k] == 1
     assert sum(x != 0 for b in v[0]["agreed"] for x in b) == 1
+    for r in v + [r["diverged"] for r in res]:  # inputs = used + rejected, on every rank
+        assert r["metrics"]["samples"] + r["metrics"]["loader_errors"] == sum(map(len, r["agreed"]))
     for r in v:
         assert r["metrics"]["loader_errors"] == 1 and r["metrics"]["rejected"] == [name]  # once, named
         assert r["same_weights"] and r["same_labels"]
