@@ -2,8 +2,9 @@
 
 For each stage: build process groups for its layout -> build this rank's model stage ->
 load weights (HF, previous stage, or the stage's own checkpoint to resume) -> DDP +
-DistributedOptimizer + LR schedule -> for each step: forward/backward over this DP rank's
-micro-batches, guarded optimizer step, metrics, checkpoint when due. A stage that ends saves a
+DistributedOptimizer + LR schedule -> for each step: the replica's ranks agree on the packs
+(:mod:`.agreement`), forward/backward over this DP rank's micro-batches, guarded optimizer step,
+metrics, checkpoint when due. A stage that ends saves a
 ``stage_done`` checkpoint; the next stage (possibly another layout) starts from its weights.
 """
 
