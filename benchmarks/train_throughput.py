@@ -93,6 +93,7 @@ class Variant:
     overlap: bool = False
     sp: bool = False
     vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
+    llm_bda_fusion: Optional[bool] = None  # None: the model's default (unfused residual add: no biases)
     profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
     fused_rope: bool = True  # the torch.compile'd RoPE rotation on GPUs (False: megatron's eager ops)
     wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
@@ -128,6 +129,8 @@ def parse_variant(name: str) -> Variant:
             kw["swiglu"] = False
         elif t == "no-vitfuse":
             kw["vit_fusion"] = False
+        elif t == "llm-bdf":
+            kw["llm_bda_fusion"] = True
         elif t == "prof":
             kw["profile"] = True
         elif t == "no-fused-rope":
@@ -352,9 +355,11 @@ class OursSide:
             llm_cfg.recompute_method, llm_cfg.recompute_num_layers = "block", v.recompute_llm_layers
         if v.swiglu is not None:
             llm_cfg.bias_activation_fusion = v.swiglu  # read by megatron's MLP at forward time
+        if v.llm_bda_fusion is not None:
+            llm_cfg.bias_dropout_fusion = v.llm_bda_fusion  # read by the layers at forward time
         if v.vit_fusion is False:  # the ViT before fusion: bias add, GELU(tanh), bias + residual apart
             vit_cfg = model.vision_model.config
-            vit_cfg.bias_activation_fusion = vit_cfg.bias_dropout_fusion = llm_cfg.bias_dropout_fusion = False
+            vit_cfg.bias_activation_fusion = vit_cfg.bias_dropout_fusion = False
             for layer in model.vision_model.encoder.layers:
                 layer.mlp.activation_func = functools.partial(torch.nn.functional.gelu, approximate="tanh")
         if v.offload_vit:
