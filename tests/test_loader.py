@@ -187,6 +187,12 @@ def test_bad_media_is_blanked_logged_and_counted(data, reference, tmp_path, capl
     m = ld.metrics()
     assert m["loader_errors"] == 1 and m["rejected"] == [f"mix: {rec['shard']}:{rec['key']}"]
     assert any(rec["key"] in r.getMessage() and rec["shard"] in r.getMessage() for r in caplog.records)
+    from megatron_eagle.data.loader import REJECTED_NAMES_KEPT
+
+    for r in range(REJECTED_NAMES_KEPT + 5):  # a long run never reset keeps a bounded list of names
+        ld._reject([(0, r)], torch.tensor([ROW_BLANKED]))
+    m = ld.metrics()
+    assert m["loader_errors"] == REJECTED_NAMES_KEPT + 6 and len(m["rejected"]) == REJECTED_NAMES_KEPT
     hit = 0
     for a, b in zip(got, reference[0]):
         for x, y in zip(a, b):

@@ -36,6 +36,7 @@ each rejection once for the replica (not once per rank that saw it) and ``["reje
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from megatron_eagle.data.plan import Plan
 from megatron_eagle.data.sources import DataSource, open_source
 
 log = logging.getLogger("megatron_eagle.loader")
+REJECTED_NAMES_KEPT = 1000  # names of rejected samples kept in metrics() between resets
 PlanSource = Union[Plan, Callable[[int], Plan]]
 
 
@@ -281,13 +283,15 @@ class StageLoader:
     @staticmethod
     def _zero_metrics() -> dict[str, Any]:
         return dict(steps=0, packs=0, samples=0, tokens=0, real_tokens=0, tiles=0, decoded_tiles=0, frames=0,
-                    media=0, loader_errors=0, rejected=[], wait_s=0.0, build_s=0.0)
+                    media=0, loader_errors=0, rejected=collections.deque(maxlen=REJECTED_NAMES_KEPT),
+                    wait_s=0.0, build_s=0.0)
 
     def metrics(self, reset: bool = False) -> dict[str, Any]:
         """Counters since the last reset: packs, samples (used sub-samples), tokens (padded / real),
         tiles (of the packs), decoded_tiles / frames / media (what this rank decoded: its CP share),
         ``loader_errors`` (sub-samples left out or blanked) with ``rejected`` naming them
-        ("dataset: shard:key"), ``wait_s`` (time the trainer waited on the loader) and ``build_s``
+        ("dataset: shard:key"; the last ``REJECTED_NAMES_KEPT`` of them, so a run that is never reset
+        holds bounded memory; the counts stay exact, and every rejection is logged), ``wait_s`` (time the trainer waited on the loader) and ``build_s``
         (CPU time spent building those packs, summed over workers). After :meth:`settle` the
         rejections are the replica's agreed ones, each counted once."""
         m = dict(self._metrics, rejected=list(self._metrics["rejected"]))
