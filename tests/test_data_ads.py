@@ -4,7 +4,7 @@ import pytest
 
 from megatron_eagle.data.ads import (DROP_FRAMES_BELOW_MIN, DROP_MEDIA_TOO_LONG, DROP_TEXT_TOO_LONG, ADSConfig,
                                      ImagePlan, SamplePlan, VideoPlan, ads_config_from_manifest, plan_records,
-                                     plan_sample)
+                                     plan_sample, sample_length)
 
 
 def video(duration, fps=30.0, start=None, end=None):
@@ -119,6 +119,32 @@ def test_plans_always_fit_randomised():
             if x["type"] == "video":
                 assert m.num_frames <= max(1, int(2 * x["duration"] + 1e-9))
                 assert max(m.frame_indices) < x["frames"]
+
+
+def test_sample_length_is_plan_sample_without_the_plan():
+    """The planner's counts-only path gives plan_sample's tokens, tiles + frames and drop reason,
+    also for clipped videos, several videos, and every drop kind."""
+    rng = random.Random(1)
+    kinds = set()
+    for _ in range(600):
+        media = [image(rng.randint(20, 5000), rng.randint(20, 5000)) for _ in range(rng.randint(0, 4))]
+        for _ in range(rng.randint(0, 2)):
+            d = rng.uniform(0.5, 3000)
+            start = rng.uniform(0, d / 2) if rng.random() < 0.3 else None
+            media.append(video(d, fps=rng.choice([10.0, 24.0, 29.97, 60.0]), start=start,
+                               end=rng.uniform(start, d) if start is not None else None))
+        rng.shuffle(media)
+        rec = {"text_tokens": rng.randint(1, 40000), "media": media}
+        L = rng.choice([4096, 32768, 65536, 131072])
+        r = plan_sample(rec, L, CFG)
+        n, tiles, why = sample_length(rec, L, CFG)
+        if r.plan is None:
+            assert (n, tiles, why) == (None, 0, r.drop_reason)
+        else:
+            want = sum(m.num_tiles if isinstance(m, ImagePlan) else m.num_frames for m in r.plan.media)
+            assert (n, tiles, why) == (r.plan.num_tokens, want, None)
+        kinds.add(why)
+    assert kinds == {None, DROP_TEXT_TOO_LONG, DROP_MEDIA_TOO_LONG, DROP_FRAMES_BELOW_MIN}
 
 
 def test_tiny_preset_parameters_and_roundtrip():

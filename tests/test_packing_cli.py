@@ -141,6 +141,12 @@ def test_plan_from_a_really_prepared_directory(tmp_path):
     cfg = ads_config_from_manifest(load_manifest(out))
     assert table.length.tolist() == [plan_sample(r, 4096, cfg).plan.num_tokens for r in records]
     assert table.tiles.sum() > len(records)  # tiles and frames are counted for the ViT cost
+    # ADS in spawned worker processes over chunks of 3 index lines: the same table, in order
+    par, par_drops = table_from_prepared([out, out], 4096, workers=2, chunk_lines=3)
+    ser, ser_drops = table_from_prepared([out, out], 4096, workers=1)
+    assert par.length.tolist() == ser.length.tolist() == table.length.tolist() * 2
+    assert par.tiles.tolist() == ser.tiles.tolist() and par.dataset.tolist() == ser.dataset.tolist()
+    assert par_drops == ser_drops and len(records) > 6
     plan_json = tmp_path / "plan.json"
     assert main(["plan", "--data", str(out), "--seq-len", "4096", "--dp", "2", "--out", str(plan_json)]) == 0
     plan = json.loads(plan_json.read_text())

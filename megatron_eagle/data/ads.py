@@ -171,24 +171,27 @@ def _distribute_frames(lo: list[int], hi: list[int], dur: list[float], budget: i
 
 # ----------------------------------------------------------------------------- the planner
 
-def plan_sample(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig = ADSConfig()) -> ADSResult:
-    """Choose frames per video and a tile cap so the sample fits ``max_seq_len`` tokens.
+@dataclass(frozen=True)
+class _Budget:
+    """What ADS decided for one record: the tile cap and frames per video (media order)."""
 
-    ``record`` is an index record (``text_tokens`` and ``media`` with image width/height and
-    video fps/frames/duration/start/end). Phase 1 (temporal): with every image at one tile, give
-    videos as many frames as fit, up to max_fps; drop the sample if any video would get fewer than
-    its minimum. Phase 2 (tiling): the largest cap in ``tile_caps`` whose images fit what is left.
-    """
-    media = list(record.get("media") or [])
+    cap: int
+    frames: tuple[int, ...]
+    visual_tokens: int
+
+
+def _budget(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig) -> Union[_Budget, str]:
+    """The ADS decision for one record, or the reason it cannot fit (see :func:`plan_sample`)."""
+    media = record.get("media") or []
     text = int(record["text_tokens"])
     l_vis = max_seq_len - text
     if l_vis < 0:
-        return ADSResult(None, DROP_TEXT_TOO_LONG)
+        return DROP_TEXT_TOO_LONG
     images = [m for m in media if m["type"] == "image"]
     videos = [m for m in media if m["type"] == "video"]
     image_floor = sum(cfg.image_tokens(m["width"], m["height"], 1) for m in images)
     if image_floor > l_vis:
-        return ADSResult(None, DROP_MEDIA_TOO_LONG)
+        return DROP_MEDIA_TOO_LONG
 
     frames: list[int] = []
     if videos:
@@ -197,29 +200,53 @@ def plan_sample(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig = AD
         dur = [max(1e-3, float(v.get("end") or v["duration"]) - float(v.get("start") or 0.0)) for v in videos]
         budget = (l_vis - image_floor) // cfg.frame_tokens
         if budget < sum(lo):
-            return ADSResult(None, DROP_FRAMES_BELOW_MIN)
+            return DROP_FRAMES_BELOW_MIN
         frames = _distribute_frames(lo, hi, dur, budget)
     video_tokens = sum(frames) * cfg.frame_tokens
 
     caps = sorted({c for c in cfg.tile_caps if c <= cfg.max_tiles} | {1}, reverse=True)
     left = l_vis - video_tokens
-    cap = 1
+    cap, image_tokens = 1, image_floor
     for c in caps:
-        if sum(cfg.image_tokens(m["width"], m["height"], c) for m in images) <= left:
-            cap = c
+        tokens = sum(cfg.image_tokens(m["width"], m["height"], c) for m in images)
+        if tokens <= left:
+            cap, image_tokens = c, tokens
             break
+    return _Budget(cap, tuple(frames), image_tokens + video_tokens)
 
+
+def plan_sample(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig = ADSConfig()) -> ADSResult:
+    """Choose frames per video and a tile cap so the sample fits ``max_seq_len`` tokens.
+
+    ``record`` is an index record (``text_tokens`` and ``media`` with image width/height and
+    video fps/frames/duration/start/end). Phase 1 (temporal): with every image at one tile, give
+    videos as many frames as fit, up to max_fps; drop the sample if any video would get fewer than
+    its minimum. Phase 2 (tiling): the largest cap in ``tile_caps`` whose images fit what is left.
+    """
+    b = _budget(record, max_seq_len, cfg)
+    if isinstance(b, str):
+        return ADSResult(None, b)
     plans: list[MediaPlan] = []
-    vi = 0
-    for m in media:
+    frames = iter(b.frames)
+    for m in record.get("media") or []:
         if m["type"] == "image":
-            plans.append(ImagePlan(choose_grid(m["width"], m["height"], cap, cfg.tiling_method, cfg.tile_size)))
+            plans.append(ImagePlan(choose_grid(m["width"], m["height"], b.cap, cfg.tiling_method, cfg.tile_size)))
         else:
-            plans.append(sample_frame_indices(m, frames[vi]))
-            vi += 1
-    visual = sum(cfg.image_tokens(m["width"], m["height"], cap) for m in images)
-    visual += sum(p.num_frames for p in plans if isinstance(p, VideoPlan)) * cfg.frame_tokens
-    return ADSResult(SamplePlan(tuple(plans), cap, text, visual, text + visual))
+            plans.append(sample_frame_indices(m, next(frames)))
+    text = int(record["text_tokens"])
+    return ADSResult(SamplePlan(tuple(plans), b.cap, text, b.visual_tokens, text + b.visual_tokens))
+
+
+def sample_length(record: Mapping[str, Any], max_seq_len: int,
+                  cfg: ADSConfig = ADSConfig()) -> tuple[Optional[int], int, Optional[str]]:
+    """(tokens, ViT tiles + frames, drop reason) of :func:`plan_sample` without building the plan
+    (no frame indices or timestamps): what the pack planner needs, for millions of records."""
+    b = _budget(record, max_seq_len, cfg)
+    if isinstance(b, str):
+        return None, 0, b
+    tiles = sum(num_tiles(choose_grid(m["width"], m["height"], b.cap, cfg.tiling_method, cfg.tile_size))
+                for m in record.get("media") or [] if m["type"] == "image")
+    return int(record["text_tokens"]) + b.visual_tokens, tiles + sum(b.frames), None
 
 
 def plan_records(records: Iterable[Mapping[str, Any]], max_seq_len: int,

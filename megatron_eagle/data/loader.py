@@ -477,7 +477,9 @@ def build_stage_loader(curriculum: Any, stage: str, tokenizer: Any, model: Model
         tables = {d.name: cached_table(p, st.seq_len, model, Path(cache_dir) / "tables")[0]
                   for d, p in zip(st.datasets, paths)}
     else:
-        tables = {d.name: table_from_prepared([p], st.seq_len, model)[0] for d, p in zip(st.datasets, paths)}
+        # every rank computes these: one process each (the cached path computes once, in parallel)
+        tables = {d.name: table_from_prepared([p], st.seq_len, model, workers=1)[0]
+                  for d, p in zip(st.datasets, paths)}
 
     def plan_for(epoch: int) -> Plan:
         cur = curriculum if epoch == 0 else replace(curriculum, seed=curriculum.seed + epoch)

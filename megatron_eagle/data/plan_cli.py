@@ -46,6 +46,8 @@ def register(subparsers) -> None:
                    help="model preset, `tokens`, or a model config YAML (default eagle2.5-8b)")
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="achieved TFLOP/s per GPU for step times")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running ADS over --data indexes (default: the CPUs, at most 16)")
     p.add_argument("--compare", action="store_true", help="also run the other packer and print both")
     p.add_argument("--out", required=True, help="plan.json to write")
     p.set_defaults(func=main)
@@ -64,7 +66,7 @@ def _input_table(args: argparse.Namespace) -> tuple[SampleTable, Counter]:
         return realistic_mix(args.synthetic, args.seq_len, args.seed), Counter()
     from megatron_eagle.data.plan_index import table_from_prepared
 
-    return table_from_prepared(args.data, args.seq_len)
+    return table_from_prepared(args.data, args.seq_len, workers=args.workers)
 
 
 def _stage_tables(cur_path: str, cur, stage) -> dict[str, SampleTable]:

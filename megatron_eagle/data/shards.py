@@ -236,12 +236,18 @@ def load_manifest(root: Union[str, Path]) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-def iter_index(root: Union[str, Path]) -> Iterator[dict[str, Any]]:
-    """Index records of a prepared directory (a path or an fsspec URL), in shard order."""
+def iter_index_lines(root: Union[str, Path]) -> Iterator[str]:
+    """The non-empty lines of a prepared directory's index (JSON, one record each), in shard order."""
     with _open_text(root, INDEX_NAME) as f:
         for line in f:
             if line.strip():
-                yield json.loads(line)
+                yield line
+
+
+def iter_index(root: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """Index records of a prepared directory (a path or an fsspec URL), in shard order."""
+    for line in iter_index_lines(root):
+        yield json.loads(line)
 
 
 def load_index(root: Union[str, Path]) -> list[dict[str, Any]]:

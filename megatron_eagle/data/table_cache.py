@@ -63,7 +63,7 @@ def cached_table(root: Union[str, Path], seq_len: int, model: Optional[ModelConf
             continue
         os.close(fd)
         try:
-            table, drops = table_from_prepared([root], seq_len, model)
+            table, drops = table_from_prepared([root], seq_len, model)  # the other ranks wait: use the CPUs
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
             np.savez(tmp, length=table.length, tiles=table.tiles, dataset=table.dataset,
                      datasets=np.array(json.dumps(table.datasets)), drops=np.array(json.dumps(dict(drops))))
@@ -72,7 +72,7 @@ def cached_table(root: Union[str, Path], seq_len: int, model: Optional[ModelConf
         finally:
             lock.unlink(missing_ok=True)
     if not path.exists():
-        return table_from_prepared([root], seq_len, model)
+        return table_from_prepared([root], seq_len, model, workers=1)
     with np.load(path) as z:
         table = SampleTable(z["length"], z["tiles"], z["dataset"], json.loads(str(z["datasets"])))
         drops = Counter(json.loads(str(z["drops"])))

@@ -73,10 +73,16 @@ def choose_grid(width: int, height: int, max_tiles: int = DEFAULT_MAX_TILES,
     """Pick the tile grid ``(cols, rows)`` for a ``width`` x ``height`` image.
 
     ``method="iap"`` maximises Eagle 2.5's area-and-aspect score (ties go to the smaller grid);
-    ``method="internvl"`` uses InternVL's closest-aspect-ratio rule.
+    ``method="internvl"`` uses InternVL's closest-aspect-ratio rule. Memoised: planning calls it
+    several times per image (once per tile cap ADS tries) over millions of images of few sizes.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
+    return _choose_grid(int(width), int(height), max_tiles, method, tile_size, min_tiles)
+
+
+@lru_cache(maxsize=1 << 17)
+def _choose_grid(width: int, height: int, max_tiles: int, method: str, tile_size: int, min_tiles: int) -> Grid:
     grids = candidate_grids(max_tiles, min_tiles)
     if method == "iap":
         return _choose_iap(width, height, grids, tile_size)
