@@ -346,3 +346,29 @@ def test_wgrad_fusion_accumulates_like_ddp_hooks(tp):
         for k in g0:
             torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
         assert any(float(g.abs().sum()) > 0 for k, g in g1.items() if "linear_fc1.weight" in k)
+
+
+def test_context_parallel_benchmark_smoke(tmp_path):
+    """benchmarks/context_parallel.py end to end on 2 gloo processes: CP=1 and two CP variants, the
+    attention check and the attention-alone benchmark, with the FLOP-normalised columns."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "cp.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "context_parallel.py"
+    cmd = [sys.executable, str(script), "--nproc", "2", "--preset", "tiny", "--seq-len", "512",
+           "--steps", "1", "--warmup", "0", "--variants", "cp1", "ring", "allgather", "--check", "--attn-bench",
+           "--attn-seq-len", "256", "--out", str(out), "--md-out", str(tmp_path / "cp.md"), "--date", "2026-11-26"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert [x["config"] for x in recs] == ["cp1", "ring", "allgather"] and all(x["status"] == "ok" for x in recs)
+    assert all(x["tflops_per_gpu"] > 0 and x["model_flops_per_token"] > 0 for x in recs)
+    assert len({round(x["first_loss"], 4) for x in recs}) == 1  # same pack, same weights: same loss
+    check, attn = recs[1]["check"], recs[1]["attention"][0]
+    assert max(v for k in ("ring", "allgather", "ulysses") for v in check[k].values()) < 1e-4  # fp32 CPU path
+    assert attn["seq_len"] == 256 and {"ring", "allgather", "ulysses"} <= set(attn)
+    assert all(attn[v]["efficiency"] > 0 for v in ("ring", "allgather", "ulysses"))
+    table = (tmp_path / "cp.md").read_text()
+    assert "FLOP/s vs CP=1 @ shortest" in table and "efficiency vs 1-GPU flash" in table
