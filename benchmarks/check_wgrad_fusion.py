@@ -20,14 +20,14 @@ def main() -> int:
     dy = torch.randn(4099, 2, 4304, generator=g).to(dev, torch.bfloat16)
     base = torch.randn(4304, 1152, generator=g).to(dev)
     ref = base.double() + dy.reshape(-1, 4304).double().t() @ x.reshape(-1, 1152).double()
-    worst = 0.0
-    for name, fn, buf in (("fp32", wgrad_gemm_accum_fp32, base.clone()),
-                          ("bf16", wgrad_gemm_accum_fp16, base.clone().bfloat16())):
+    ok = True
+    for name, fn, buf, tol in (("fp32", wgrad_gemm_accum_fp32, base.clone(), 1e-4),
+                               ("bf16", wgrad_gemm_accum_fp16, base.clone().bfloat16(), 1e-2)):
         fn(x, dy, buf)
         rel = float((buf.double() - ref).norm() / ref.norm())
-        worst = max(worst, rel if name == "fp32" else rel / 100)
-        print(f"{name}: relative error {rel:.2e}")
-    return 0 if worst < 1e-4 else 1
+        ok = ok and rel < tol
+        print(f"{name}: relative error {rel:.2e} (limit {tol:.0e})")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -101,62 +101,33 @@ class Variant:
     grad_ckpt: bool = False  # hf
 
 
+# Variant tokens that set one field (``ours+rc-vit+no-swiglu``...); ``rc-llm-N`` is parsed apart.
+OURS_TOKENS = {
+    "rc-vit": ("recompute_vision", "full"), "rc-llm": ("recompute_llm", "full"),
+    "rc-llm-sel": ("recompute_llm", "selective"), "swiglu": ("swiglu", True), "no-swiglu": ("swiglu", False),
+    "no-vitfuse": ("vit_fusion", False), "llm-bdf": ("llm_bda_fusion", True), "prof": ("profile", True),
+    "no-fused-rope": ("fused_rope", False), "no-wgrad-fusion": ("wgrad_fusion", False),
+    "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
+    "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
+    "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
+}
+HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
+
+
 def parse_variant(name: str) -> Variant:
     side, *tokens = name.split("+")
     if side not in ("ours", "hf"):
         raise ValueError(f"variant {name!r}: must start with 'ours' or 'hf'")
+    table = OURS_TOKENS if side == "ours" else HF_TOKENS
     kw: dict = {}
     for t in tokens:
-        if side == "hf":
-            if t == "nomask":
-                kw["doc_mask"] = False
-            elif t == "gc":
-                kw["grad_ckpt"] = True
-            else:
-                raise ValueError(f"variant {name!r}: unknown hf option {t!r} (nomask, gc)")
-            continue
-        if t == "rc-vit":
-            kw["recompute_vision"] = "full"
-        elif t == "rc-llm":
-            kw["recompute_llm"] = "full"
-        elif t == "rc-llm-sel":
-            kw["recompute_llm"] = "selective"
-        elif t.startswith("rc-llm-") and t[7:].isdigit():
+        if t in table:
+            field, value = table[t]
+            kw[field] = value
+        elif side == "ours" and t.startswith("rc-llm-") and t[7:].isdigit():
             kw["recompute_llm"], kw["recompute_llm_layers"] = "full", int(t[7:])
-        elif t == "swiglu":
-            kw["swiglu"] = True
-        elif t == "no-swiglu":
-            kw["swiglu"] = False
-        elif t == "no-vitfuse":
-            kw["vit_fusion"] = False
-        elif t == "llm-bdf":
-            kw["llm_bda_fusion"] = True
-        elif t == "prof":
-            kw["profile"] = True
-        elif t == "no-fused-rope":
-            kw["fused_rope"] = False
-        elif t == "no-wgrad-fusion":
-            kw["wgrad_fusion"] = False
-        elif t == "legacy-rope":
-            kw["legacy_rope"] = True
-        elif t == "local-mt":
-            kw["local_mt"] = True
-        elif t == "foreach-adam":
-            kw["fused_adam"] = False
-        elif t == "legacy-head":
-            kw["legacy_head"] = True
-        elif t == "legacy-gqa":
-            kw["legacy_gqa"] = True
-        elif t == "offload-vit":
-            kw["offload_vit"] = True
-        elif t == "grad-bf16":
-            kw["grad_bf16"] = True
-        elif t == "overlap":
-            kw["overlap"] = True
-        elif t == "sp":
-            kw["sp"] = True
         else:
-            raise ValueError(f"variant {name!r}: unknown option {t!r}")
+            raise ValueError(f"variant {name!r}: unknown {side} option {t!r} ({', '.join(table)})")
     return Variant(name=name, side=side, **kw)
 
 
@@ -550,7 +521,7 @@ KERNEL_CATEGORIES = (  # first match wins; names of flash/cuBLAS/CUTLASS/NCCL/to
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("nccl", ("nccl",)),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "fused_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm")),  # not "fused_": inductor's triton_poi_fused_*
     ("norm", ("layer_norm", "layernorm", "rms", "norm_kernel")),
     ("conv", ("conv", "implicit_gemm", "winograd")),
     ("copy/cat", ("copy", "cat", "index", "gather", "scatter", "memcpy", "memset", "fill")),

@@ -67,8 +67,14 @@ def test_parse_variant():
     assert (v.recompute_vision, v.recompute_llm, v.recompute_llm_layers, v.swiglu, v.fused_adam) == \
         ("full", "full", 12, True, False)
     assert not parse_variant("hf+nomask").doc_mask
-    with pytest.raises(ValueError):
-        parse_variant("ours+warp-speed")
+    for bad in ("ours+warp-speed", "hf+rc-vit", "ours+nomask", "ours+rc-llm-x"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    from benchmarks.train_throughput import HF_TOKENS, OURS_TOKENS
+
+    for side, table in (("ours", OURS_TOKENS), ("hf", HF_TOKENS)):
+        for token, (field, value) in table.items():  # every token sets the field it names
+            assert getattr(parse_variant(f"{side}+{token}"), field) == value, token
 
 
 # ----------------------------------------------------------------------------- GPU-path pieces on CPU

@@ -63,19 +63,13 @@ class _Pool:
         self.workers, self.pool = workers, None
 
     def map(self, fn, tasks: Iterator) -> Iterator:
-        first = next(tasks, None)
-        if first is None:
-            return
-        second = next(tasks, None)
-        if second is None or self.workers == 1:
-            yield fn(first)
-            if second is not None:
-                yield fn(second)
-                yield from map(fn, tasks)
+        head = list(itertools.islice(tasks, 2))
+        if len(head) < 2 or self.workers == 1:
+            yield from map(fn, itertools.chain(head, tasks))
             return
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        pending = collections.deque(self.pool.submit(fn, t) for t in (first, second))
+        pending = collections.deque(self.pool.submit(fn, t) for t in head)
         for task in tasks:
             pending.append(self.pool.submit(fn, task))
             if len(pending) >= 2 * self.workers:

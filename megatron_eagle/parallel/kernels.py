@@ -53,21 +53,32 @@ def _scores(qs: torch.Tensor, ks: torch.Tensor, causal: bool, scale: float) -> t
     return s
 
 
+def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """Per non-empty (query, key) segment pair: the row ranges and fp32 [h, s, d] q, k, v (kv heads
+    repeated to the query heads)."""
+    hq = q.shape[1]
+    for (a, b), (c, e) in zip(_pairs(cu_q), _pairs(cu_k)):
+        if b <= a or e <= c:
+            continue
+        yield (a, b, c, e, q[a:b].transpose(0, 1).float(), _expand_kv(k[c:e].transpose(0, 1).float(), hq),
+               _expand_kv(v[c:e].transpose(0, 1).float(), hq))
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """softmax(s) from its log-sum-exp; rows without keys (lse -inf) give 0."""
+    return torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+
+
 def ref_block_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact reference: fp32 output [t, hq, d] and lse [hq, t]; rows without keys get out 0, lse -inf."""
     tq, hq, d = q.shape
     out = q.new_zeros((tq, hq, v.shape[-1]), dtype=torch.float32)
     lse = q.new_full((hq, tq), float("-inf"), dtype=torch.float32)
-    for (a, b), (c, e) in zip(_pairs(cu_q), _pairs(cu_k)):
-        if b <= a or e <= c:
-            continue
-        qs = q[a:b].transpose(0, 1).float()
-        ks = _expand_kv(k[c:e].transpose(0, 1).float(), hq)
-        vs = _expand_kv(v[c:e].transpose(0, 1).float(), hq)
+    for a, b, c, e, qs, ks, vs in _segments(q, k, v, cu_q, cu_k):
         s = _scores(qs, ks, causal, scale)
         l = torch.logsumexp(s, dim=-1)  # [h, sq]
-        p = torch.exp(s - torch.where(torch.isinf(l), torch.zeros_like(l), l).unsqueeze(-1))
+        p = _probs(s, l)
         out[a:b] = torch.matmul(p, vs).transpose(0, 1)
         lse[:, a:b] = l
     return out, lse
@@ -77,21 +88,14 @@ def ref_block_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact reference backward (fp32 grads), using the given (merged) ``out`` and ``lse``."""
-    hq, hk = q.shape[1], k.shape[1]
+    hk = k.shape[1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for (a, b), (c, e) in zip(_pairs(cu_q), _pairs(cu_k)):
-        if b <= a or e <= c:
-            continue
-        qs = q[a:b].transpose(0, 1).float()
-        ks = _expand_kv(k[c:e].transpose(0, 1).float(), hq)
-        vs = _expand_kv(v[c:e].transpose(0, 1).float(), hq)
+    for a, b, c, e, qs, ks, vs in _segments(q, k, v, cu_q, cu_k):
         do = dout[a:b].transpose(0, 1).float()
         o = out[a:b].transpose(0, 1).float()
-        l = lse[:, a:b]
-        s = _scores(qs, ks, causal, scale)
-        p = torch.exp(s - torch.where(torch.isinf(l), torch.zeros_like(l), l).unsqueeze(-1))
+        p = _probs(_scores(qs, ks, causal, scale), lse[:, a:b])
         dv[c:e] += _fold_kv(torch.matmul(p.transpose(1, 2), do), hk).transpose(0, 1)
         dp = torch.matmul(do, vs.transpose(1, 2))
         ds = p * (dp - (do * o).sum(-1, keepdim=True))
