@@ -39,7 +39,10 @@ LM-head GEMM), ``legacy-gqa`` (repeat K/V heads before flash), ``legacy-rope`` (
 RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-norm/clip loops
 instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
 buffers), ``overlap`` (overlap grad reduce-scatter and param all-gather with compute),
-``sp`` (sequence parallelism when TP > 1).
+``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed attention
+on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam`` (megatron's per-parameter AdamW step,
+clip and param copy instead of the flat fused one). On both sides ``mbN`` accumulates gradients
+over N packs per optimizer step (the per-module phases are then not reported).
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class Variant:
     profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
     fused_rope: bool = True  # the torch.compile'd RoPE rotation on GPUs (False: megatron's eager ops)
     wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
+    flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
+    micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
+    attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
     grad_ckpt: bool = False  # hf
 
@@ -110,6 +116,7 @@ OURS_TOKENS = {
     "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
     "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
+    "no-flat-adam": ("flat_adam", False), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
 
@@ -126,6 +133,8 @@ def parse_variant(name: str) -> Variant:
             kw[field] = value
         elif side == "ours" and t.startswith("rc-llm-") and t[7:].isdigit():
             kw["recompute_llm"], kw["recompute_llm_layers"] = "full", int(t[7:])
+        elif t.startswith("mb") and t[2:].isdigit() and int(t[2:]) >= 1:
+            kw["micro_batches"] = int(t[2:])
         else:
             raise ValueError(f"variant {name!r}: unknown {side} option {t!r} ({', '.join(table)})")
     return Variant(name=name, side=side, **kw)
@@ -318,7 +327,8 @@ class OursSide:
 
         if os.environ.get("BENCH_FAIL_RANK") == os.environ.get("RANK", "0"):  # tests of the failure path
             raise torch.OutOfMemoryError("BENCH_FAIL_RANK")
-        mc = dataclasses.replace(cfg, recompute_vision=v.recompute_vision, recompute_llm=v.recompute_llm)
+        mc = dataclasses.replace(cfg, recompute_vision=v.recompute_vision, recompute_llm=v.recompute_llm,
+                                 attention_backend=v.attention or cfg.attention_backend)
         par = ParallelConfig(tp=tp, sp=v.sp and tp > 1)
         model = build_model(mc, par, chunk_tokens=2048)
         llm_cfg = model.language_model.config
@@ -347,7 +357,7 @@ class OursSide:
         if not v.fused_rope:
             self._patch(rope, "FUSED", False)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
-                            wgrad_fusion=v.wgrad_fusion,
+                            wgrad_fusion=v.wgrad_fusion, flat_adamw=v.flat_adam,
                             overlap_grad_reduce=v.overlap, overlap_param_gather=v.overlap)
         bf16 = mc.params_dtype == "bfloat16"
         self.ddp = wrap_ddp(model, optim, bf16)
@@ -371,14 +381,14 @@ class OursSide:
         self._patches.append((mod, name, getattr(mod, name)))
         setattr(mod, name, value)
 
-    def step(self, pack: Pack) -> float:
+    def step(self, group: list[Pack]) -> float:
         from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
 
         self.marks.reset()
         self.marks.mark("step_start")
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = forward_backward(self.ddp, [pack.batch], self.device)
+        losses = forward_backward(self.ddp, [p.batch for p in group], self.device)
         self.marks.mark("bwd_end")
         guarded_optimizer_step(self.optimizer, 1.0)
         self.marks.mark("opt_end")
@@ -429,22 +439,27 @@ class HFSide:
         self.hooks = instrument(self.marks, ref.vision_model.vision_model, ref.mlp1, ref.language_model.model, None,
                                 "inputs_embeds")
 
-    def step(self, pack: Pack) -> float:
+    def step(self, group: list[Pack]) -> float:
         import torch.nn.functional as F
 
-        b = pack.batch
         self.marks.reset()
         self.marks.mark("step_start")
         self.opt.zero_grad(set_to_none=True)
-        emb = self.ref.input_embeds(b.tokens, b.pixel_values)
-        pos = b.position_ids.unsqueeze(0) if self.v.doc_mask else None
-        hidden = self.ref.language_model.model(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state
-        logits = self.ref.language_model.lm_head(hidden)[0]
-        ce = F.cross_entropy(logits.float(), b.labels, ignore_index=IGNORE, reduction="none")
-        loss = (ce * b.loss_weights).sum()
-        self.marks.mark("fwd_end")
-        loss.backward()
+        first = None
+        for i, pack in enumerate(group):  # gradient accumulation over the micro-batches
+            b = pack.batch
+            emb = self.ref.input_embeds(b.tokens, b.pixel_values)
+            pos = b.position_ids.unsqueeze(0) if self.v.doc_mask else None
+            hidden = self.ref.language_model.model(inputs_embeds=emb, position_ids=pos,
+                                                   use_cache=False).last_hidden_state
+            logits = self.ref.language_model.lm_head(hidden)[0]
+            ce = F.cross_entropy(logits.float(), b.labels, ignore_index=IGNORE, reduction="none")
+            loss = (ce * b.loss_weights).sum()
+            self.marks.mark("fwd_end")
+            (loss / len(group)).backward()
+            first = loss.detach() if first is None else first
         self.marks.mark("bwd_end")
+        loss = first
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.marks.mark("opt_end")
@@ -528,14 +543,16 @@ KERNEL_CATEGORIES = (  # first match wins; names of flash/cuBLAS/CUTLASS/NCCL/to
 )
 
 
-def profile_step(side, pack: "Pack", top: int = 25) -> dict:
+def profile_step(side, group: list, top: int = 60) -> dict:
     """One step under torch.profiler: GPU time per kernel category and the top kernels (ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        side.step(pack)
+        t0 = time.perf_counter()
+        side.step(group)
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
     kernels = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -546,7 +563,9 @@ def profile_step(side, pack: "Pack", top: int = 25) -> dict:
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "elementwise/other")
         cats[cat] = cats.get(cat, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return dict(total_ms=sum(kernels.values()), categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+    # busy < 1: the GPU waited for the host (launch overhead, syncs) for part of the step
+    return dict(total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
+                categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                 top=[(n[:160], round(ms, 2)) for n, ms in ranked])
 
 
@@ -565,19 +584,22 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
     try:
         side = side_factory()
         build_s = time.perf_counter() - t_build
+        n_micro = side.v.micro_batches
+        groups = [[packs[(i * n_micro + j) % len(packs)] for j in range(n_micro)] for i in range(warmup + steps)]
         step_s, phases, losses = [], [], []
         for i in range(warmup + steps):
-            pack = packs[i % len(packs)]
             t0 = time.perf_counter()
-            losses.append(side.step(pack))
+            losses.append(side.step(groups[i]))
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
             if i >= warmup:
                 ph = side.marks.phases()
+                if n_micro > 1:  # the per-module marks see only the first micro-batch
+                    ph = {n: (t if n in ("total", "optimizer") else None) for n, t in ph.items()}
                 step_s.append((ph["total"] / 1e3) if ph["total"] is not None else wall)
                 phases.append(ph)
-        timed = [packs[i % len(packs)] for i in range(warmup, warmup + steps)]
+        timed = [p for g in groups[warmup:] for p in g]
         total_t = sum(step_s)
         flops = sum(flops_of(cfg, p) for p in timed)
         tokens = sum(sum(p.lens) for p in timed)
@@ -590,7 +612,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
                                   if any(p[k] is not None for p in phases) else None) for k in phases[0]},
                    losses=losses, build_s=build_s)
         if cuda and getattr(getattr(side, "v", None), "profile", False):
-            res["kernels"] = profile_step(side, packs[0])
+            res["kernels"] = profile_step(side, groups[0])
     except torch.OutOfMemoryError as e:
         res = dict(status="oom", error=str(e).splitlines()[0][:300])
     except Exception as e:  # noqa: BLE001 - record and go on with the next variant

@@ -2,6 +2,8 @@
 # The issue-8 GPU sweep (BENCHMARKS.md, "Training throughput"). Usage, from the repo root:
 #   benchmarks/train_throughput_sweep.sh single OUTDIR   # 1 GPU: HF vs ours at 8K, 32K, 64K; the optimization ladder
 #   benchmarks/train_throughput_sweep.sh multi OUTDIR    # 4 GPUs: DP/TP scaling at 8K; eagle2.5-8b at 32K on 4 ranks
+#   benchmarks/train_throughput_sweep.sh mfu OUTDIR      # 1 GPU, 8K: the flat AdamW step, gradient accumulation
+#                                                        # (mbN), a kernel profile; EXTRA_VARIANTS adds more
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
 # are skipped once the script has run LIMIT seconds (the device tool's 10-minute command limit).
 set -uo pipefail
@@ -35,5 +37,11 @@ elif [ "$mode" = multi ]; then
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 120 --layouts 2x2 4x2 \
      --time-budget-s $(( ${LIMIT:-560} - SECONDS - 75 )) --md-out "$out/ttp.md" --variants $V+sp \
      2>&1 | tee "$out/logtp.txt"
+elif [ "$mode" = mfu ]; then
+  python3 benchmarks/check_flat_adamw.py 2>&1 | tee "$out/flat_adamw.txt"
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s $(( ${LIMIT:-560} - SECONDS - 30 )) \
+     --md-out "$out/t8k.md" --variants \
+     ours+prof ours+no-flat-adam ours ours+mb4 ours+no-flat-adam+mb4 hf+gc hf+gc+mb4 ${EXTRA_VARIANTS:-} \
+     2>&1 | tee "$out/log8k.txt"
 fi
 echo "sweep done after ${SECONDS}s"

@@ -67,7 +67,9 @@ def test_parse_variant():
     assert (v.recompute_vision, v.recompute_llm, v.recompute_llm_layers, v.swiglu, v.fused_adam) == \
         ("full", "full", 12, True, False)
     assert not parse_variant("hf+nomask").doc_mask
-    for bad in ("ours+warp-speed", "hf+rc-vit", "ours+nomask", "ours+rc-llm-x"):
+    assert parse_variant("ours+mb4").micro_batches == parse_variant("hf+gc+mb4").micro_batches == 4
+    assert parse_variant("ours").micro_batches == 1 and not parse_variant("ours+no-flat-adam").flat_adam
+    for bad in ("ours+warp-speed", "hf+rc-vit", "ours+nomask", "ours+rc-llm-x", "ours+mb0", "hf+mbx"):
         with pytest.raises(ValueError):
             parse_variant(bad)
     from benchmarks.train_throughput import HF_TOKENS, OURS_TOKENS

@@ -9,7 +9,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_eagle.training import wgrad_fusion
+from megatron_eagle.training import flat_adamw, wgrad_fusion
 
 
 @dataclass
@@ -34,6 +34,9 @@ class OptimConfig:
     # Weight-gradient GEMMs accumulate straight into the grad buffers (training/wgrad_fusion.py);
     # used where the GPU build of torch has the fused GEMM.
     wgrad_fusion: bool = True
+    # One fused AdamW + clip + bf16-param-copy pass over flat per-bucket buffers
+    # (training/flat_adamw.py) instead of megatron's per-parameter steps; same arithmetic.
+    flat_adamw: bool = True
 
 
 def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> DistributedDataParallel:
@@ -64,8 +67,10 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, b
     )
     use_foreach_multi_tensor()
     optimizer = get_megatron_optimizer(cfg, chunks)
-    if optim.fused_adam:
+    if optim.fused_adam:  # also for any part the flat step does not take
         use_fused_adamw(optimizer)
+    if optim.flat_adamw and optim.use_distributed_optimizer:
+        flat_adamw.enable(optimizer)
     return optimizer
 
 

@@ -47,9 +47,15 @@ def guarded_optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return False, grad_norm
+    coeff = clip_grad / (grad_norm + 1.0e-6)  # megatron's clip coefficient
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = part.get_parameters()
-        if params and clip_grad > 0:
+        if not params or clip_grad <= 0 or coeff >= 1.0:
+            continue
+        flat = getattr(part, "flat_adamw", None)
+        if flat is not None:  # folded into the fused update
+            flat.grad_scale = coeff
+        else:
             clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm,
                                          use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
     return bool(optimizer.step_with_ready_grads()), grad_norm

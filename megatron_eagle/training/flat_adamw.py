@@ -1,0 +1,222 @@
+"""One fused AdamW pass over megatron's DistributedOptimizer shards (torch-native).
+
+Without apex/transformer-engine megatron steps ``torch.optim.AdamW`` over hundreds of per-parameter
+fp32 master tensors, then clips and copies them back to the bf16 params tensor by tensor: about
+50 bytes of memory traffic per parameter in several passes. Here the master weights and both Adam
+moments live in flat fp32 buffers laid out exactly like this rank's shard of each DDP bucket, so
+one elementwise kernel per bucket reads the gradient straight from the grad buffer, applies the
+clip coefficient, updates master weights and moments, and writes the bf16 param buffer (31 bytes
+per parameter). On CUDA the kernel is ``torch.compile``'d (one Triton kernel); elsewhere it runs
+eagerly with the same arithmetic.
+
+Nothing else changes: the per-parameter master tensors and Adam state stay in the inner
+optimizer (as views into the flat buffers), so checkpoints, resharding and ``reload_model_params``
+see what they always saw. A checkpoint load replaces those tensors; the next step notices and
+copies them into the flat buffers again.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 out: Optional[torch.Tensor], group_id: torch.Tensor, lr_wd: torch.Tensor, scalars: torch.Tensor,
+                 beta1: float, beta2: float, eps: float) -> None:
+    """In place: AdamW on flat fp32 ``master``/moments from ``grad`` (any float dtype), then
+    ``out`` (the bf16 params) = master. ``lr_wd`` is [2, groups] (lr; weight decay) indexed by
+    ``group_id``; ``scalars`` = [grad scale, 1 - beta1^step, sqrt(1 - beta2^step)]. The order of
+    operations is torch's single-tensor AdamW."""
+    g = grad.float() * scalars[0]
+    gid = group_id.long()
+    lr = lr_wd[0][gid]
+    p = master * (1.0 - lr * lr_wd[1][gid])
+    m = exp_avg + (g - exp_avg) * (1.0 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1.0 - beta2)
+    denom = v.sqrt() / scalars[2] + eps
+    p = p - (lr / scalars[1]) * (m / denom)
+    master.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if out is not None:
+        out.copy_(p)
+
+
+_COMPILED = None
+
+
+def _kernel(device: torch.device):
+    global _COMPILED
+    if device.type != "cuda":
+        return adamw_update
+    if _COMPILED is None:
+        _COMPILED = torch.compile(adamw_update, dynamic=True, fullgraph=True)
+    return _COMPILED
+
+
+@dataclass
+class _Segment:
+    """This rank's contiguous share of one bucket: [lo, hi) in the bucket's buffers."""
+    grad: torch.Tensor      # view of bucket.grad_data
+    out: Optional[torch.Tensor]  # view of bucket.param_data (None when the params are fp32 masters)
+    master: torch.Tensor    # fp32
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    group_id: torch.Tensor  # uint8, the inner param group of each element
+    params: list            # (main param, start, end) within the segment
+
+
+class FlatAdamW:
+    """Replaces one DistributedOptimizer's inner AdamW step and main->model param copy."""
+
+    def __init__(self, dist_opt):
+        self.opt = dist_opt
+        inner = dist_opt.optimizer
+        groups = inner.param_groups
+        for g in groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("flat AdamW: amsgrad/maximize are not supported")
+            if tuple(g["betas"]) != tuple(groups[0]["betas"]) or g["eps"] != groups[0]["eps"]:
+                raise ValueError("flat AdamW: every param group needs the same betas and eps")
+        self.beta1, self.beta2 = (float(b) for b in groups[0]["betas"])
+        self.eps = float(groups[0]["eps"])
+        self.grad_scale = 1.0  # the clip coefficient of the coming step (reset after it)
+        self.wrote_model_params = False
+        self.segments: list[_Segment] = []
+        self.step_count = 0
+        self._step_tensor = torch.zeros((), dtype=torch.float32)
+        self._bound: list = []
+        self._bind()
+
+    # ------------------------------------------------------------------ layout
+    def _main_to_model(self) -> dict:
+        o = self.opt
+        pairs = {}
+        for shard_groups, model_groups in ((o.shard_fp32_from_float16_groups, o.model_float16_groups),
+                                           (o.shard_fp32_groups, o.model_fp32_groups)):
+            for shards, models in zip(shard_groups, model_groups):
+                for s, m in zip(shards, models):
+                    pairs[s] = m
+        return pairs
+
+    def _bind(self) -> None:
+        """(Re)build the flat buffers from the current main params and Adam state."""
+        o, inner = self.opt, self.opt.optimizer
+        main_to_model = self._main_to_model()
+        by_bucket: dict = {}
+        for gi, group in enumerate(inner.param_groups):
+            for p in group["params"]:
+                model_param = main_to_model[p]
+                gbuf_index, _, bucket_id = o.model_param_gbuf_map[model_param]
+                rng = o._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                by_bucket.setdefault((gbuf_index, bucket_id), []).append((p, gi, rng.start, rng.end))
+        steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+        self.step_count = int(max(steps)) if steps else self.step_count
+        self._step_tensor = torch.tensor(float(self.step_count))
+        segments = []
+        for (gbuf_index, bucket_id), items in sorted(by_bucket.items(), key=lambda kv: kv[0]):
+            bucket = o.buffers[gbuf_index].buckets[bucket_id]
+            lo, hi = min(i[2] for i in items), max(i[3] for i in items)
+            param_view = bucket.param_data.view(-1)[lo:hi]
+            fp32_params = param_view.dtype == torch.float32
+            dev = param_view.device
+            master = param_view if fp32_params else torch.zeros(hi - lo, dtype=torch.float32, device=dev)
+            m = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
+            v = torch.zeros_like(m)
+            gid = torch.zeros(hi - lo, dtype=torch.uint8, device=dev)
+            params = []
+            for p, gi, start, end in items:
+                a, b = start - lo, end - lo
+                st = inner.state.get(p, {})
+                if not fp32_params:
+                    master[a:b].copy_(p.detach().view(-1))
+                for key, buf in (("exp_avg", m), ("exp_avg_sq", v)):
+                    if key in st:
+                        buf[a:b].copy_(st[key].view(-1))
+                gid[a:b] = gi
+                params.append((p, a, b))
+            segments.append(_Segment(bucket.grad_data.view(-1)[lo:hi], None if fp32_params else param_view,
+                                     master, m, v, gid, params))
+        if len(inner.param_groups) > 255:
+            raise ValueError("flat AdamW: more than 255 param groups")
+        # Point the optimizer's tensors at the flat buffers (same objects, new storage).
+        bound = []
+        for seg in segments:
+            for p, a, b in seg.params:
+                p.data = seg.master[a:b].view_as(p)
+                st = inner.state[p]
+                st["exp_avg"] = seg.exp_avg[a:b].view_as(p)
+                st["exp_avg_sq"] = seg.exp_avg_sq[a:b].view_as(p)
+                st["step"] = self._step_tensor
+                bound.append((p, st["exp_avg"], st["exp_avg_sq"], p.data_ptr()))
+        self.segments, self._bound = segments, bound
+
+    def _still_bound(self) -> bool:
+        state = self.opt.optimizer.state
+        for p, m, v, ptr in self._bound:
+            st = state.get(p)
+            if st is None or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or p.data_ptr() != ptr \
+                    or st.get("step") is not self._step_tensor:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The inner optimizer's step: one fused update per bucket shard."""
+        if not self._still_bound():
+            self._bind()
+        self.step_count += 1
+        self._step_tensor.fill_(float(self.step_count))
+        groups = self.opt.optimizer.param_groups
+        host = torch.tensor([[float(g["lr"]) for g in groups], [float(g["weight_decay"]) for g in groups]],
+                            dtype=torch.float32)
+        scal = torch.tensor([self.grad_scale, 1.0 - self.beta1 ** self.step_count,
+                             math.sqrt(1.0 - self.beta2 ** self.step_count)], dtype=torch.float32)
+        tables = {}
+        for seg in self.segments:
+            dev = seg.master.device
+            if dev not in tables:
+                tables[dev] = (host.to(dev, non_blocking=True), scal.to(dev, non_blocking=True))
+            lr_wd, scalars = tables[dev]
+            _kernel(dev)(seg.master, seg.grad, seg.exp_avg, seg.exp_avg_sq, seg.out, seg.group_id, lr_wd,
+                         scalars, self.beta1, self.beta2, self.eps)
+        self.grad_scale = 1.0
+        self.wrote_model_params = True
+
+
+def enable(optimizer) -> int:
+    """Install :class:`FlatAdamW` on every DistributedOptimizer (with a torch AdamW inside) of a
+    megatron (chained) optimizer; returns how many were switched. Others keep megatron's path."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    switched = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(part, DistributedOptimizer) or type(inner) is not torch.optim.AdamW:
+            continue
+        if part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or part.ddp_config.use_megatron_fsdp:
+            continue
+        try:
+            flat = FlatAdamW(part)
+        except ValueError as e:
+            warnings.warn(f"{e}; keeping megatron's optimizer step")
+            continue
+        copy_main_to_model = part._copy_main_params_to_model_params
+
+        def copy_unless_fused(flat=flat, original=copy_main_to_model):
+            if flat.wrote_model_params:  # the fused step already wrote the bf16 params
+                flat.wrote_model_params = False
+                return
+            original()
+
+        inner.step = flat.step
+        part._copy_main_params_to_model_params = copy_unless_fused
+        part.flat_adamw = flat
+        switched += 1
+    return switched
