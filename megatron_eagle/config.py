@@ -72,8 +72,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     downsample_ratio: float = 0.5
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    # Attention kernel: auto picks flash/varlen on GPU, exact per-segment SDPA on CPU.
-    attention_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    # Attention kernel: auto picks flash/varlen on GPU, exact per-segment SDPA on CPU; "cudnn" runs
+    # packed (THD) attention on cuDNN's fused SDPA (Hopper, cudnn-frontend package), else as auto.
+    attention_backend: Literal["auto", "sdpa", "flex", "flash", "cudnn"] = "auto"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     init_std: float = 0.02
     # id of <IMG_CONTEXT>; set from the tokenizer / HF config when a model is loaded.

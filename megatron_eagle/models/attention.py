@@ -6,6 +6,9 @@ and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
 - GPU, THD: FlashAttention-2's varlen kernel (``aten::_flash_attention_forward``, differentiable),
   with GQA handled inside the kernel (no repeated K/V heads); ``torch.nn.attention.varlen`` as
   a fallback (its keywords differ across torch versions);
+- GPU, THD, ``backend="cudnn"`` (opt-in): cuDNN's fused SDPA with ragged offsets
+  (:mod:`megatron_eagle.models.cudnn_attention`); falls back to the kernels below, with one warning
+  naming why, where cuDNN cannot run (CPU, no cudnn-frontend package, pre-Hopper, graph unsupported);
 - GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
   (memory O(max_len²) per segment at worst, never O(total²)).
 With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the
@@ -50,6 +53,10 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
 # off only if a GPU check finds the kernel wrong for GQA inputs; then K/V heads are repeated.
 GQA_NATIVE = True
 _ATEN_FLASH_OK: Optional[bool] = None  # None: untried; False: failed once, use the fallbacks
+# Whether backend="auto" tries cuDNN before FA2 on GPUs. Off until the H100 measurements decide
+# (BENCHMARKS.md, "LLM packed attention: cuDNN vs FlashAttention-2").
+AUTO_PREFERS_CUDNN = False
+_CUDNN_WARNED = False
 
 
 def _flash_device(t: torch.Tensor) -> bool:
@@ -96,6 +103,22 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, is_causal=causal, scale=scale)
 
 
+def packed_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+                 scale: float) -> Optional[torch.Tensor]:
+    """Packed attention on cuDNN, or None where it cannot run (warns once per process, naming why)."""
+    global _CUDNN_WARNED
+    from megatron_eagle.models import cudnn_attention
+
+    try:
+        return cudnn_attention.cudnn_packed_attention(q, k, v, cu_seqlens, causal, scale)
+    except cudnn_attention.CudnnUnsupported as e:  # CPU, no package, pre-Hopper, unsupported graph
+        reason = str(e)
+    if not _CUDNN_WARNED:
+        _CUDNN_WARNED = True
+        warnings.warn(f"cuDNN packed attention unavailable ({reason}); using FlashAttention-2 / exact SDPA")
+    return None
+
+
 class PackedCoreAttention(MegatronModule):
     """Core attention with the constructor/forward contract of megatron's DotProductAttention."""
 
@@ -133,7 +156,9 @@ class PackedCoreAttention(MegatronModule):
                 from megatron_eagle.parallel.cp_attention import cp_attention
 
                 assert causal, "context parallelism is for the causal LLM only"
-                out = cp_attention(query, key, value, layout, self.softmax_scale, self.backend)
+                # CP kernels know auto/flash/sdpa; cuDNN is not wired into them, so they run as "auto".
+                cp_backend = "auto" if self.backend == "cudnn" else self.backend
+                out = cp_attention(query, key, value, layout, self.softmax_scale, cp_backend)
                 return out.reshape(out.shape[0], -1)
             cp = getattr(self.pg_collection, "cp", None) if self.pg_collection is not None else None
             if cp is not None and self.config.context_parallel_size > 1:
@@ -143,7 +168,9 @@ class PackedCoreAttention(MegatronModule):
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
             out = None
-            if self.backend in ("auto", "flash"):
+            if self.backend == "cudnn" or (self.backend == "auto" and AUTO_PREFERS_CUDNN and query.is_cuda):
+                out = packed_cudnn(query, key, value, cu, causal, self.softmax_scale)
+            if out is None and self.backend in ("auto", "flash", "cudnn"):
                 out = varlen_flash(query, key, value, cu, int(packed_seq_params.max_seqlen_q), causal,
                                    self.softmax_scale)
             if out is None:
