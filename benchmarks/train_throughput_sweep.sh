@@ -3,7 +3,7 @@
 #   benchmarks/train_throughput_sweep.sh single OUTDIR   # 1 GPU: HF vs ours at 8K, 32K, 64K; the optimization ladder
 #   benchmarks/train_throughput_sweep.sh multi OUTDIR    # 4 GPUs: DP/TP scaling at 8K; eagle2.5-8b at 32K on 4 ranks
 #   benchmarks/train_throughput_sweep.sh mfu OUTDIR      # 1 GPU, 8K: the flat AdamW step, gradient accumulation
-#                                                        # (mbN), a kernel profile; EXTRA_VARIANTS adds more
+#                                                        # (mbN), a kernel profile (VARIANTS_8K, VARIANTS_32K override)
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
 # are skipped once the script has run LIMIT seconds (the device tool's 10-minute command limit).
 set -uo pipefail
@@ -39,9 +39,12 @@ elif [ "$mode" = multi ]; then
      2>&1 | tee "$out/logtp.txt"
 elif [ "$mode" = mfu ]; then
   python3 benchmarks/check_flat_adamw.py 2>&1 | tee "$out/flat_adamw.txt"
-  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s $(( ${LIMIT:-560} - SECONDS - 30 )) \
-     --md-out "$out/t8k.md" --variants \
-     ours+prof ours+no-flat-adam ours ours+mb4 ours+no-flat-adam+mb4 hf+gc hf+gc+mb4 ${EXTRA_VARIANTS:-} \
-     2>&1 | tee "$out/log8k.txt"
+  V8=${VARIANTS_8K:-ours+prof ours+no-flat-adam ours ours+mb4 ours+no-flat-adam+mb4 hf+gc hf+gc+mb4}
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s $(( ${LIMIT:-560} - SECONDS - ${RESERVE_32K:-30} )) \
+     --md-out "$out/t8k.md" --variants $V8 2>&1 | tee "$out/log8k.txt"
+  if [ -n "${VARIANTS_32K:-}" ]; then
+    $B --preset eagle2.5-2b --seq-len 32768 --steps 3 --warmup 1 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 20 )) \
+       --md-out "$out/t32k.md" --variants $VARIANTS_32K 2>&1 | tee "$out/log32k.txt"
+  fi
 fi
 echo "sweep done after ${SECONDS}s"

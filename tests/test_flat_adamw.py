@@ -27,6 +27,7 @@ def _build(dtype, flat):
     opt = build_optimizer([ddp], optim, bf16=dtype == "bfloat16")
     parts = getattr(opt, "chained_optimizers", [opt])
     assert all(hasattr(p, "flat_adamw") == flat for p in parts)
+    assert sorted(g["wd_mult"] for g in opt.param_groups) == [0.0, 1.0]  # weights; biases and norms
     return cfg, model, ddp, opt, parts
 
 
@@ -56,8 +57,9 @@ def _train(rank, world, dtype):
     for step in range(4):
         norms = []
         for opt, ddp in ((opt_a, ddp_a), (opt_b, ddp_b)):
-            for g in opt.param_groups:  # a moving LR, different per group
-                g["lr"] = 1e-2 * (step + 1) * (1.0 if g["weight_decay"] > 0 else 0.5)
+            for g in opt.param_groups:  # what the scheduler does, plus a different LR per group
+                g["weight_decay"] = 0.05 * g["wd_mult"]
+                g["lr"] = 1e-2 * (step + 1) * (1.0 if g["wd_mult"] else 0.5)
             ddp.zero_grad_buffer()
             opt.zero_grad()
             forward_backward(ddp, [mixed_pack(cfg, seed=rank * 10 + step)], torch.device("cpu"))
@@ -133,7 +135,7 @@ def test_adamw_update_matches_torch_single_tensor():
                             betas=(0.9, 0.95), eps=1e-8, foreach=False)
     master, m, v = p.clone(), torch.zeros(n), torch.zeros(n)
     out = torch.empty(n, dtype=torch.bfloat16)
-    gid = torch.cat([torch.zeros(600, dtype=torch.uint8), torch.ones(400, dtype=torch.uint8)])
+    run_starts = torch.tensor([0, 600])  # two runs, one per group
     for step in range(1, 4):
         grad = torch.randn(n, generator=g)
         scale = 0.5 if step == 2 else 1.0
@@ -141,7 +143,7 @@ def test_adamw_update_matches_torch_single_tensor():
         opt.step()
         lr_wd = torch.tensor([[1e-2, 3e-3], [0.1, 0.0]])
         scal = torch.tensor([scale, 1 - 0.9 ** step, (1 - 0.95 ** step) ** 0.5])
-        adamw_update(master, grad, m, v, out, gid, lr_wd, scal,
+        adamw_update(master, grad, m, v, out, run_starts, lr_wd, scal,
                      0.9, 0.95, 1e-8)
         torch.testing.assert_close(master, torch.cat([ref_a.detach(), ref_b.detach()]), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m, torch.cat([opt.state[ref_a]["exp_avg"], opt.state[ref_b]["exp_avg"]]))

@@ -5,7 +5,7 @@ fp32 master tensors, then clips and copies them back to the bf16 params tensor b
 50 bytes of memory traffic per parameter in several passes. Here the master weights and both Adam
 moments live in flat fp32 buffers laid out exactly like this rank's shard of each DDP bucket, so
 one elementwise kernel per bucket reads the gradient straight from the grad buffer, applies the
-clip coefficient, updates master weights and moments, and writes the bf16 param buffer (31 bytes
+clip coefficient, updates master weights and moments, and writes the bf16 param buffer (30 bytes
 per parameter). On CUDA the kernel is ``torch.compile``'d (one Triton kernel); elsewhere it runs
 eagerly with the same arithmetic.
 
@@ -26,16 +26,17 @@ import torch
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 out: Optional[torch.Tensor], group_id: torch.Tensor, lr_wd: torch.Tensor, scalars: torch.Tensor,
-                 beta1: float, beta2: float, eps: float) -> None:
+                 out: Optional[torch.Tensor], run_starts: torch.Tensor, run_lr_wd: torch.Tensor,
+                 scalars: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
     """In place: AdamW on flat fp32 ``master``/moments from ``grad`` (any float dtype), then
-    ``out`` (the bf16 params) = master. ``lr_wd`` is [2, groups] (lr; weight decay) indexed by
-    ``group_id``; ``scalars`` = [grad scale, 1 - beta1^step, sqrt(1 - beta2^step)]. The order of
-    operations is torch's single-tensor AdamW."""
+    ``out`` (the bf16 params) = master. Elements [run_starts[i], run_starts[i+1]) use learning
+    rate ``run_lr_wd[0, i]`` and weight decay ``run_lr_wd[1, i]`` (a binary search per element:
+    no per-element group table, which would cost a byte per parameter); ``scalars`` = [grad scale,
+    1 - beta1^step, sqrt(1 - beta2^step)]. The order of operations is torch's single-tensor AdamW."""
     g = grad.float() * scalars[0]
-    gid = group_id.long()
-    lr = lr_wd[0][gid]
-    p = master * (1.0 - lr * lr_wd[1][gid])
+    run = torch.bucketize(torch.arange(master.shape[0], device=master.device), run_starts, right=True) - 1
+    lr = run_lr_wd[0][run]
+    p = master * (1.0 - lr * run_lr_wd[1][run])
     m = exp_avg + (g - exp_avg) * (1.0 - beta1)
     v = exp_avg_sq * beta2 + g * g * (1.0 - beta2)
     denom = v.sqrt() / scalars[2] + eps
@@ -59,6 +60,20 @@ def _kernel(device: torch.device):
     return _COMPILED
 
 
+def _run_fused(*args) -> None:
+    """The compiled kernel on CUDA; if compiling fails, the eager expression (same arithmetic)."""
+    global _COMPILED
+    master = args[0]
+    try:
+        _kernel(master.device)(*args)
+    except Exception as e:  # noqa: BLE001 - an inductor failure must not stop training
+        if master.device.type != "cuda" or _COMPILED is adamw_update:
+            raise
+        warnings.warn(f"flat AdamW: torch.compile failed ({type(e).__name__}: {e}); running eagerly")
+        _COMPILED = adamw_update
+        adamw_update(*args)
+
+
 @dataclass
 class _Segment:
     """This rank's contiguous share of one bucket: [lo, hi) in the bucket's buffers."""
@@ -67,8 +82,9 @@ class _Segment:
     master: torch.Tensor    # fp32
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    group_id: torch.Tensor  # uint8, the inner param group of each element
-    params: list            # (main param, start, end) within the segment
+    run_starts: torch.Tensor  # int64: where each run of one param group starts (first: 0)
+    run_groups: list          # the inner param group of each run
+    params: list              # (main param, start, end) within the segment
 
 
 class FlatAdamW:
@@ -109,8 +125,10 @@ class FlatAdamW:
         o, inner = self.opt, self.opt.optimizer
         main_to_model = self._main_to_model()
         by_bucket: dict = {}
+        group_of = {}
         for gi, group in enumerate(inner.param_groups):
             for p in group["params"]:
+                group_of[p] = gi
                 model_param = main_to_model[p]
                 gbuf_index, _, bucket_id = o.model_param_gbuf_map[model_param]
                 rng = o._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
@@ -128,8 +146,7 @@ class FlatAdamW:
             master = param_view if fp32_params else torch.zeros(hi - lo, dtype=torch.float32, device=dev)
             m = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
             v = torch.zeros_like(m)
-            gid = torch.zeros(hi - lo, dtype=torch.uint8, device=dev)
-            params = []
+            params, starts, groups_of_runs = [], [], []
             for p, gi, start, end in items:
                 a, b = start - lo, end - lo
                 st = inner.state.get(p, {})
@@ -138,12 +155,16 @@ class FlatAdamW:
                 for key, buf in (("exp_avg", m), ("exp_avg_sq", v)):
                     if key in st:
                         buf[a:b].copy_(st[key].view(-1))
-                gid[a:b] = gi
                 params.append((p, a, b))
+            # runs of one group in buffer order; padding between params joins the run before it
+            for p, a, b in sorted(params, key=lambda t: t[1]):
+                gi = group_of[p]
+                if not groups_of_runs or groups_of_runs[-1] != gi:
+                    starts.append(0 if not starts else a)
+                    groups_of_runs.append(gi)
             segments.append(_Segment(bucket.grad_data.view(-1)[lo:hi], None if fp32_params else param_view,
-                                     master, m, v, gid, params))
-        if len(inner.param_groups) > 255:
-            raise ValueError("flat AdamW: more than 255 param groups")
+                                     master, m, v, torch.tensor(starts, dtype=torch.int64, device=dev),
+                                     groups_of_runs, params))
         # Point the optimizer's tensors at the flat buffers (same objects, new storage).
         bound = []
         for seg in segments:
@@ -174,18 +195,20 @@ class FlatAdamW:
         self.step_count += 1
         self._step_tensor.fill_(float(self.step_count))
         groups = self.opt.optimizer.param_groups
-        host = torch.tensor([[float(g["lr"]) for g in groups], [float(g["weight_decay"]) for g in groups]],
-                            dtype=torch.float32)
-        scal = torch.tensor([self.grad_scale, 1.0 - self.beta1 ** self.step_count,
-                             math.sqrt(1.0 - self.beta2 ** self.step_count)], dtype=torch.float32)
-        tables = {}
+        lr_wd = [(float(g["lr"]), float(g["weight_decay"])) for g in groups]
+        scal = [self.grad_scale, 1.0 - self.beta1 ** self.step_count, math.sqrt(1.0 - self.beta2 ** self.step_count)]
+        # one host->device copy per step: every segment's run table and the scalars
+        host = torch.tensor(scal + [x for seg in self.segments for i in (0, 1) for x in
+                                    (lr_wd[gi][i] for gi in seg.run_groups)], dtype=torch.float32)
+        dev = self.segments[0].master.device if self.segments else torch.device("cpu")
+        table = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
+        scalars, offset = table[:3], 3
         for seg in self.segments:
-            dev = seg.master.device
-            if dev not in tables:
-                tables[dev] = (host.to(dev, non_blocking=True), scal.to(dev, non_blocking=True))
-            lr_wd, scalars = tables[dev]
-            _kernel(dev)(seg.master, seg.grad, seg.exp_avg, seg.exp_avg_sq, seg.out, seg.group_id, lr_wd,
-                         scalars, self.beta1, self.beta2, self.eps)
+            n = len(seg.run_groups)
+            run_lr_wd = table[offset:offset + 2 * n].view(2, n)
+            offset += 2 * n
+            _run_fused(seg.master, seg.grad, seg.exp_avg, seg.exp_avg_sq, seg.out, seg.run_starts, run_lr_wd,
+                       scalars, self.beta1, self.beta2, self.eps)
         self.grad_scale = 1.0
         self.wrote_model_params = True
 
