@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megatron_eagle.training.flat_adamw import _kernel, adamw_update  # noqa: E402
+from megatron_eagle.training.flat_adamw import _kernel, adamw_update, pack_groups  # noqa: E402
 
 
 def _time_ms(fn, reps: int = 10) -> float:
@@ -35,15 +35,15 @@ def main() -> int:
     m = torch.randn(n, device=dev, generator=g) * 1e-3
     v = torch.rand(n, device=dev, generator=g) * 1e-6
     # 400 runs alternating decay / no decay, like weights and biases/norms in buffer order
-    run_starts = torch.arange(0, n, n // 400, device=dev)[:400]
-    lr_wd = torch.tensor([[1e-4] * 400, [0.05, 0.0] * 200], device=dev)
+    groups = pack_groups((torch.arange(n, device=dev) // (n // 400) % 2).to(torch.uint8), 1)
+    lr_wd = torch.tensor([[1e-4, 1e-4], [0.05, 0.0]], device=dev)
     scal = torch.tensor([0.7, 1 - 0.9 ** 5, (1 - 0.999 ** 5) ** 0.5], device=dev)
     state = [t.clone() for t in (master, m, v)]
     out_c, out_e = torch.empty(n, device=dev, dtype=torch.bfloat16), torch.empty(n, device=dev, dtype=torch.bfloat16)
     compiled = _kernel(dev)
     eager = [t.clone() for t in state]
-    compiled(*state[:1], grad, *state[1:], out_c, run_starts, lr_wd, scal, 0.9, 0.999, 1e-8)
-    adamw_update(eager[0], grad, eager[1], eager[2], out_e, run_starts, lr_wd, scal, 0.9, 0.999, 1e-8)
+    compiled(*state[:1], grad, *state[1:], out_c, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8)
+    adamw_update(eager[0], grad, eager[1], eager[2], out_e, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8)
     ok = True
     for name, a, b in (("master", state[0], eager[0]), ("exp_avg", state[1], eager[1]), ("exp_avg_sq", state[2], eager[2])):
         rel = float((a - b).abs().max() / b.abs().max())
@@ -52,7 +52,7 @@ def main() -> int:
     bf16_diff = float((out_c.float() - out_e.float()).abs().max())
     print(f"bf16 params: max abs difference {bf16_diff:.1e}")
     ok = ok and bf16_diff <= float(out_e.float().abs().max()) * 2 ** -7
-    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, run_starts, lr_wd, scal, 0.9, 0.999, 1e-8))
+    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8))
     # torch's fused AdamW on the same elements (as 16 tensors), a clip pass and the bf16 copy
     ps = [p.requires_grad_(False) for p in master.clone().chunk(16)]
     grads = list(grad.clone().chunk(16))
@@ -67,7 +67,7 @@ def main() -> int:
         torch._foreach_copy_(outs, ps)
 
     t_torch = _time_ms(torch_path)
-    flat_bytes = n * 30  # read g, p, m, v (16); write p, m, v (12) + bf16 (2)
+    flat_bytes = n * 30  # read g, p, m, v (16); write p, m, v (12) + bf16 (2); + 1 bit of group
     print(f"flat fused kernel: {t_flat:.2f} ms = {flat_bytes / t_flat / 1e6:.0f} GB/s for {n / 1e6:.0f}M elements")
     print(f"torch clip + fused AdamW + bf16 copy: {t_torch:.2f} ms ({t_torch / t_flat:.2f}x the flat kernel)")
     print(f"per 1.96B parameters: flat {t_flat * 1.96e9 / n:.1f} ms, torch path {t_torch * 1.96e9 / n:.1f} ms")

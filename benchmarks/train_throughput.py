@@ -548,7 +548,9 @@ def profile_step(side, group: list, top: int = 60) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    host = os.environ.get("BENCH_PROFILE_CPU") == "1"  # also the host side: where launch time goes
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         side.step(group)
         torch.cuda.synchronize()
@@ -563,8 +565,13 @@ def profile_step(side, group: list, top: int = 60) -> dict:
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "elementwise/other")
         cats[cat] = cats.get(cat, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    host_top = None
+    if host:
+        ops = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
+        ops.sort(key=lambda a: -a.self_cpu_time_total)
+        host_top = [(a.key[:120], round(a.self_cpu_time_total / 1e3, 2), a.count) for a in ops[:30]]
     # busy < 1: the GPU waited for the host (launch overhead, syncs) for part of the step
-    return dict(total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
+    return dict(host_top=host_top, total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
                 categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                 top=[(n[:160], round(ms, 2)) for n, ms in ranked])
 
@@ -701,8 +708,11 @@ def worker(args) -> list[dict]:
                 k = res["kernels"]
                 log(f"#   kernels {k['total_ms']:.1f} ms: " + ", ".join(f"{c} {ms:.1f}" for c, ms in
                                                               k["categories_ms"].items()))
+                log(f"#   GPU busy {100 * k['busy']:.0f}% of the profiled step's {k['wall_ms']:.0f} ms")
                 for name, ms in k["top"][:12]:
                     log(f"#     {ms:8.2f} ms  {name[:110]}")
+                for name, ms, count in k.get("host_top") or []:
+                    log(f"#     host {ms:8.2f} ms  x{count:<5d} {name[:100]}")
     shutdown()
     return results if rt.rank == 0 else []
 

@@ -43,7 +43,7 @@ elif [ "$mode" = mfu ]; then
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s $(( ${LIMIT:-560} - SECONDS - ${RESERVE_32K:-30} )) \
      --md-out "$out/t8k.md" --variants $V8 2>&1 | tee "$out/log8k.txt"
   if [ -n "${VARIANTS_32K:-}" ]; then
-    $B --preset eagle2.5-2b --seq-len 32768 --steps 3 --warmup 1 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 20 )) \
+    $B --preset eagle2.5-2b --seq-len 32768 --steps 3 --warmup ${WARMUP_32K:-1} --time-budget-s $(( ${LIMIT:-560} - SECONDS - 20 )) \
        --md-out "$out/t32k.md" --variants $VARIANTS_32K 2>&1 | tee "$out/log32k.txt"
   fi
 fi

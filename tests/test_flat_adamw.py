@@ -124,7 +124,7 @@ def test_flat_adamw_equals_megatron_step(dtype, world):
 
 def test_adamw_update_matches_torch_single_tensor():
     """The kernel's arithmetic alone, against torch.optim.AdamW(foreach=False), two groups."""
-    from megatron_eagle.training.flat_adamw import adamw_update
+    from megatron_eagle.training.flat_adamw import adamw_update, pack_groups
 
     g = torch.Generator().manual_seed(0)
     n = 1000
@@ -135,7 +135,7 @@ def test_adamw_update_matches_torch_single_tensor():
                             betas=(0.9, 0.95), eps=1e-8, foreach=False)
     master, m, v = p.clone(), torch.zeros(n), torch.zeros(n)
     out = torch.empty(n, dtype=torch.bfloat16)
-    run_starts = torch.tensor([0, 600])  # two runs, one per group
+    groups = pack_groups(torch.cat([torch.zeros(600, dtype=torch.uint8), torch.ones(400, dtype=torch.uint8)]), 1)
     for step in range(1, 4):
         grad = torch.randn(n, generator=g)
         scale = 0.5 if step == 2 else 1.0
@@ -143,8 +143,23 @@ def test_adamw_update_matches_torch_single_tensor():
         opt.step()
         lr_wd = torch.tensor([[1e-2, 3e-3], [0.1, 0.0]])
         scal = torch.tensor([scale, 1 - 0.9 ** step, (1 - 0.95 ** step) ** 0.5])
-        adamw_update(master, grad, m, v, out, run_starts, lr_wd, scal,
+        adamw_update(master, grad, m, v, out, groups, 1, lr_wd, scal,
                      0.9, 0.95, 1e-8)
         torch.testing.assert_close(master, torch.cat([ref_a.detach(), ref_b.detach()]), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m, torch.cat([opt.state[ref_a]["exp_avg"], opt.state[ref_b]["exp_avg"]]))
         assert torch.equal(out, master.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 17])
+def test_packed_group_table_round_trips(groups):
+    """Every element reads back its own group from the packed table (1, 2, 4 or 8 bits each)."""
+    from megatron_eagle.training.flat_adamw import group_bits, pack_groups
+
+    bits = group_bits(groups)
+    assert 2 ** bits >= groups and (bits == 1 or 2 ** (bits // 2) < groups)
+    gid = torch.randint(0, groups, (1003,), generator=torch.Generator().manual_seed(groups)).to(torch.uint8)
+    packed = pack_groups(gid, bits)
+    assert packed.numel() == -(-1003 // (8 // bits))
+    idx = torch.arange(1003)
+    back = (packed[idx // (8 // bits)].to(torch.int32) >> ((idx % (8 // bits)) * bits).to(torch.int32)) & (2 ** bits - 1)
+    assert torch.equal(back.to(torch.uint8), gid)

@@ -6,7 +6,7 @@ fp32 master tensors, then clips and copies them back to the bf16 params tensor b
 moments live in flat fp32 buffers laid out exactly like this rank's shard of each DDP bucket, so
 one elementwise kernel per bucket reads the gradient straight from the grad buffer, applies the
 clip coefficient, updates master weights and moments, and writes the bf16 param buffer (30 bytes
-per parameter). On CUDA the kernel is ``torch.compile``'d (one Triton kernel); elsewhere it runs
+per parameter, plus a bit for its param group). On CUDA the kernel is ``torch.compile``'d (one Triton kernel); elsewhere it runs
 eagerly with the same arithmetic.
 
 Nothing else changes: the per-parameter master tensors and Adam state stay in the inner
@@ -25,18 +25,34 @@ from typing import Optional
 import torch
 
 
+def group_bits(groups: int) -> int:
+    """Bits per element of the packed group table: 1 for two groups (weights; biases and norms)."""
+    return next(b for b in (1, 2, 4, 8) if groups <= 2 ** b)
+
+
+def pack_groups(group_id: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 table holding ``8 // bits`` group ids per byte, lowest bits first."""
+    per_byte = 8 // bits
+    g = group_id.to(torch.int32)
+    g = torch.cat([g, g.new_zeros((-g.numel()) % per_byte)]).view(-1, per_byte)
+    shifts = torch.arange(per_byte, device=g.device, dtype=torch.int32) * bits
+    return (g << shifts).sum(1).to(torch.uint8)
+
+
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 out: Optional[torch.Tensor], run_starts: torch.Tensor, run_lr_wd: torch.Tensor,
+                 out: Optional[torch.Tensor], groups: torch.Tensor, bits: int, lr_wd: torch.Tensor,
                  scalars: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
     """In place: AdamW on flat fp32 ``master``/moments from ``grad`` (any float dtype), then
-    ``out`` (the bf16 params) = master. Elements [run_starts[i], run_starts[i+1]) use learning
-    rate ``run_lr_wd[0, i]`` and weight decay ``run_lr_wd[1, i]`` (a binary search per element:
-    no per-element group table, which would cost a byte per parameter); ``scalars`` = [grad scale,
-    1 - beta1^step, sqrt(1 - beta2^step)]. The order of operations is torch's single-tensor AdamW."""
+    ``out`` (the bf16 params) = master. Each element's param group comes from ``groups`` (packed by
+    :func:`pack_groups`: a bit per parameter for two groups, not a byte) and picks its learning rate
+    ``lr_wd[0, g]`` and weight decay ``lr_wd[1, g]``; ``scalars`` = [grad scale, 1 - beta1^step,
+    sqrt(1 - beta2^step)]. The order of operations is torch's single-tensor AdamW."""
     g = grad.float() * scalars[0]
-    run = torch.bucketize(torch.arange(master.shape[0], device=master.device), run_starts, right=True) - 1
-    lr = run_lr_wd[0][run]
-    p = master * (1.0 - lr * run_lr_wd[1][run])
+    per_byte = 8 // bits
+    idx = torch.arange(master.shape[0], device=master.device)
+    gid = (groups[idx // per_byte].to(torch.int32) >> ((idx % per_byte) * bits).to(torch.int32)) & (2 ** bits - 1)
+    lr = lr_wd[0][gid]
+    p = master * (1.0 - lr * lr_wd[1][gid])
     m = exp_avg + (g - exp_avg) * (1.0 - beta1)
     v = exp_avg_sq * beta2 + g * g * (1.0 - beta2)
     denom = v.sqrt() / scalars[2] + eps
@@ -82,9 +98,8 @@ class _Segment:
     master: torch.Tensor    # fp32
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    run_starts: torch.Tensor  # int64: where each run of one param group starts (first: 0)
-    run_groups: list          # the inner param group of each run
-    params: list              # (main param, start, end) within the segment
+    groups: torch.Tensor    # uint8: each element's inner param group, packed (pack_groups)
+    params: list            # (main param, start, end) within the segment
 
 
 class FlatAdamW:
@@ -125,10 +140,9 @@ class FlatAdamW:
         o, inner = self.opt, self.opt.optimizer
         main_to_model = self._main_to_model()
         by_bucket: dict = {}
-        group_of = {}
+        self.bits = group_bits(len(inner.param_groups))
         for gi, group in enumerate(inner.param_groups):
             for p in group["params"]:
-                group_of[p] = gi
                 model_param = main_to_model[p]
                 gbuf_index, _, bucket_id = o.model_param_gbuf_map[model_param]
                 rng = o._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
@@ -146,7 +160,8 @@ class FlatAdamW:
             master = param_view if fp32_params else torch.zeros(hi - lo, dtype=torch.float32, device=dev)
             m = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
             v = torch.zeros_like(m)
-            params, starts, groups_of_runs = [], [], []
+            params = []
+            gid = torch.zeros(hi - lo, dtype=torch.uint8, device=dev)  # transient: packed below
             for p, gi, start, end in items:
                 a, b = start - lo, end - lo
                 st = inner.state.get(p, {})
@@ -155,16 +170,11 @@ class FlatAdamW:
                 for key, buf in (("exp_avg", m), ("exp_avg_sq", v)):
                     if key in st:
                         buf[a:b].copy_(st[key].view(-1))
+                gid[a:b] = gi
                 params.append((p, a, b))
-            # runs of one group in buffer order; padding between params joins the run before it
-            for p, a, b in sorted(params, key=lambda t: t[1]):
-                gi = group_of[p]
-                if not groups_of_runs or groups_of_runs[-1] != gi:
-                    starts.append(0 if not starts else a)
-                    groups_of_runs.append(gi)
             segments.append(_Segment(bucket.grad_data.view(-1)[lo:hi], None if fp32_params else param_view,
-                                     master, m, v, torch.tensor(starts, dtype=torch.int64, device=dev),
-                                     groups_of_runs, params))
+                                     master, m, v, pack_groups(gid, self.bits), params))
+            del gid
         # Point the optimizer's tensors at the flat buffers (same objects, new storage).
         bound = []
         for seg in segments:
@@ -195,19 +205,15 @@ class FlatAdamW:
         self.step_count += 1
         self._step_tensor.fill_(float(self.step_count))
         groups = self.opt.optimizer.param_groups
-        lr_wd = [(float(g["lr"]), float(g["weight_decay"])) for g in groups]
         scal = [self.grad_scale, 1.0 - self.beta1 ** self.step_count, math.sqrt(1.0 - self.beta2 ** self.step_count)]
-        # one host->device copy per step: every segment's run table and the scalars
-        host = torch.tensor(scal + [x for seg in self.segments for i in (0, 1) for x in
-                                    (lr_wd[gi][i] for gi in seg.run_groups)], dtype=torch.float32)
+        # one host->device copy per step: the scalars and every group's LR and weight decay
+        host = torch.tensor(scal + [float(g["lr"]) for g in groups] + [float(g["weight_decay"]) for g in groups],
+                            dtype=torch.float32)
         dev = self.segments[0].master.device if self.segments else torch.device("cpu")
         table = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
-        scalars, offset = table[:3], 3
+        scalars, lr_wd = table[:3], table[3:].view(2, len(groups))
         for seg in self.segments:
-            n = len(seg.run_groups)
-            run_lr_wd = table[offset:offset + 2 * n].view(2, n)
-            offset += 2 * n
-            _run_fused(seg.master, seg.grad, seg.exp_avg, seg.exp_avg_sq, seg.out, seg.run_starts, run_lr_wd,
+            _run_fused(seg.master, seg.grad, seg.exp_avg, seg.exp_avg_sq, seg.out, seg.groups, self.bits, lr_wd,
                        scalars, self.beta1, self.beta2, self.eps)
         self.grad_scale = 1.0
         self.wrote_model_params = True
