@@ -40,10 +40,10 @@ def main() -> int:
     scal = torch.tensor([0.7, 1 - 0.9 ** 5, (1 - 0.999 ** 5) ** 0.5], device=dev)
     state = [t.clone() for t in (master, m, v)]
     out_c, out_e = torch.empty(n, device=dev, dtype=torch.bfloat16), torch.empty(n, device=dev, dtype=torch.bfloat16)
-    compiled = _kernel(dev)
+    compiled = _kernel(1)
     eager = [t.clone() for t in state]
-    compiled(*state[:1], grad, *state[1:], out_c, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8)
-    adamw_update(eager[0], grad, eager[1], eager[2], out_e, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8)
+    compiled(*state[:1], grad, *state[1:], out_c, groups, lr_wd, scal, 0.9, 0.999, 1e-8)
+    adamw_update(eager[0], grad, eager[1], eager[2], out_e, groups, lr_wd, scal, 0.9, 0.999, 1e-8, bits=1)
     ok = True
     for name, a, b in (("master", state[0], eager[0]), ("exp_avg", state[1], eager[1]), ("exp_avg_sq", state[2], eager[2])):
         rel = float((a - b).abs().max() / b.abs().max())
@@ -52,7 +52,7 @@ def main() -> int:
     bf16_diff = float((out_c.float() - out_e.float()).abs().max())
     print(f"bf16 params: max abs difference {bf16_diff:.1e}")
     ok = ok and bf16_diff <= float(out_e.float().abs().max()) * 2 ** -7
-    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, groups, 1, lr_wd, scal, 0.9, 0.999, 1e-8))
+    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, groups, lr_wd, scal, 0.9, 0.999, 1e-8))
     # torch's fused AdamW on the same elements (as 16 tensors), a clip pass and the bf16 copy
     ps = [p.requires_grad_(False) for p in master.clone().chunk(16)]
     grads = list(grad.clone().chunk(16))

@@ -143,8 +143,8 @@ def test_adamw_update_matches_torch_single_tensor():
         opt.step()
         lr_wd = torch.tensor([[1e-2, 3e-3], [0.1, 0.0]])
         scal = torch.tensor([scale, 1 - 0.9 ** step, (1 - 0.95 ** step) ** 0.5])
-        adamw_update(master, grad, m, v, out, groups, 1, lr_wd, scal,
-                     0.9, 0.95, 1e-8)
+        adamw_update(master, grad, m, v, out, groups, lr_wd, scal,
+                     0.9, 0.95, 1e-8, bits=1)
         torch.testing.assert_close(master, torch.cat([ref_a.detach(), ref_b.detach()]), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m, torch.cat([opt.state[ref_a]["exp_avg"], opt.state[ref_b]["exp_avg"]]))
         assert torch.equal(out, master.to(torch.bfloat16))
@@ -163,3 +163,23 @@ def test_packed_group_table_round_trips(groups):
     idx = torch.arange(1003)
     back = (packed[idx // (8 // bits)].to(torch.int32) >> ((idx % (8 // bits)) * bits).to(torch.int32)) & (2 ** bits - 1)
     assert torch.equal(back.to(torch.uint8), gid)
+
+
+def test_eager_fallback_in_chunks_equals_one_call(monkeypatch):
+    """The eager path (CPU, or CUDA when compiling fails) runs in bounded chunks: same result."""
+    from megatron_eagle.training import flat_adamw as fa
+
+    n = 10_007
+    g = torch.Generator().manual_seed(1)
+    master, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    m, v = torch.randn(n, generator=g) * 1e-2, torch.rand(n, generator=g) * 1e-4
+    groups = fa.pack_groups((torch.arange(n) // 333 % 3).to(torch.uint8), 2)
+    lr_wd, scal = torch.tensor([[1e-2, 2e-2, 3e-3], [0.1, 0.0, 0.05]]), torch.tensor([0.5, 0.1, 0.05])
+    one = [t.clone() for t in (master, m, v)] + [torch.empty(n, dtype=torch.bfloat16)]
+    fa.adamw_update(one[0], grad, one[1], one[2], one[3], groups, lr_wd, scal, 0.9, 0.95, 1e-8, bits=2)
+    monkeypatch.setattr(fa, "EAGER_CHUNK", 1024)  # 10 chunks, the last one partial
+    chunked = [t.clone() for t in (master, m, v)] + [torch.empty(n, dtype=torch.bfloat16)]
+    fa._run_fused(chunked[0], grad, chunked[1], chunked[2], chunked[3], groups, 2, lr_wd, scal, 0.9, 0.95, 1e-8)
+    for a, b in zip(one, chunked):
+        assert torch.equal(a, b)
+    assert not torch.equal(one[0], master)

@@ -40,17 +40,17 @@ def pack_groups(group_id: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 out: Optional[torch.Tensor], groups: torch.Tensor, bits: int, lr_wd: torch.Tensor,
-                 scalars: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
+                 out: Optional[torch.Tensor], groups: torch.Tensor, lr_wd: torch.Tensor, scalars: torch.Tensor,
+                 beta1: float, beta2: float, eps: float, *, bits: int) -> None:
     """In place: AdamW on flat fp32 ``master``/moments from ``grad`` (any float dtype), then
     ``out`` (the bf16 params) = master. Each element's param group comes from ``groups`` (packed by
     :func:`pack_groups`: a bit per parameter for two groups, not a byte) and picks its learning rate
     ``lr_wd[0, g]`` and weight decay ``lr_wd[1, g]``; ``scalars`` = [grad scale, 1 - beta1^step,
     sqrt(1 - beta2^step)]. The order of operations is torch's single-tensor AdamW."""
     g = grad.float() * scalars[0]
-    per_byte = 8 // bits
+    per_byte, mask = 8 // bits, (1 << bits) - 1  # Python ints: constants in the compiled kernel
     idx = torch.arange(master.shape[0], device=master.device)
-    gid = (groups[idx // per_byte].to(torch.int32) >> ((idx % per_byte) * bits).to(torch.int32)) & (2 ** bits - 1)
+    gid = (groups[idx // per_byte].to(torch.int32) >> ((idx % per_byte) * bits).to(torch.int32)) & mask
     lr = lr_wd[0][gid]
     p = master * (1.0 - lr * lr_wd[1][gid])
     m = exp_avg + (g - exp_avg) * (1.0 - beta1)
@@ -64,30 +64,40 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
         out.copy_(p)
 
 
-_COMPILED = None
+_COMPILED: dict = {}  # bits -> compiled kernel (None: compiling failed, run eagerly)
+EAGER_CHUNK = 1 << 24  # elements per eager call: bounds the temporaries (a segment can be a whole model)
 
 
-def _kernel(device: torch.device):
-    global _COMPILED
-    if device.type != "cuda":
-        return adamw_update
-    if _COMPILED is None:
-        _COMPILED = torch.compile(adamw_update, dynamic=True, fullgraph=True)
-    return _COMPILED
+def _kernel(bits: int):
+    """The update compiled for one table width (``bits`` must be a constant, not a symbolic size)."""
+    if bits not in _COMPILED:
+        def update(*args):  # ``bits`` from the closure: a constant for dynamo
+            return adamw_update(*args, bits=bits)
+
+        _COMPILED[bits] = torch.compile(update, dynamic=True, fullgraph=True)
+    return _COMPILED[bits]
 
 
-def _run_fused(*args) -> None:
-    """The compiled kernel on CUDA; if compiling fails, the eager expression (same arithmetic)."""
-    global _COMPILED
-    master = args[0]
-    try:
-        _kernel(master.device)(*args)
-    except Exception as e:  # noqa: BLE001 - an inductor failure must not stop training
-        if master.device.type != "cuda" or _COMPILED is adamw_update:
-            raise
-        warnings.warn(f"flat AdamW: torch.compile failed ({type(e).__name__}: {e}); running eagerly")
-        _COMPILED = adamw_update
-        adamw_update(*args)
+def _eager_chunks(master, grad, exp_avg, exp_avg_sq, out, groups, bits, *rest) -> None:
+    per_byte = 8 // bits
+    for a in range(0, master.shape[0], EAGER_CHUNK):
+        b = min(a + EAGER_CHUNK, master.shape[0])
+        adamw_update(master[a:b], grad[a:b], exp_avg[a:b], exp_avg_sq[a:b], None if out is None else out[a:b],
+                     groups[a // per_byte:], *rest, bits=bits)
+
+
+def _run_fused(master, grad, exp_avg, exp_avg_sq, out, groups, bits, *rest) -> None:
+    """One compiled kernel on CUDA; elsewhere, or if compiling fails, the same arithmetic eagerly."""
+    args = (master, grad, exp_avg, exp_avg_sq, out, groups)
+    if master.device.type == "cuda" and _COMPILED.get(bits, True) is not None:
+        try:
+            _kernel(bits)(*args, *rest)
+            return
+        except Exception as e:  # noqa: BLE001 - an inductor failure must not stop training
+            warnings.warn(f"flat AdamW: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                          "running the update eagerly in chunks")
+            _COMPILED[bits] = None
+    _eager_chunks(*args, bits, *rest)
 
 
 @dataclass
