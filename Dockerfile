@@ -11,8 +11,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/megatron-eagle
 COPY requirements.txt setup.py ./
 # torch comes from the base image: install every pinned requirement except torch itself.
+# nvidia-cudnn-frontend: the Python graphs of the cuDNN packed attention (GPU only, no deps).
 RUN grep -v '^torch==' requirements.txt | grep -v '^#' > /tmp/req.txt \
-    && pip install --no-cache-dir -r /tmp/req.txt \
+    && pip install --no-cache-dir -r /tmp/req.txt nvidia-cudnn-frontend==1.16.0 \
     && rm /tmp/req.txt
 
 COPY megatron_eagle ./megatron_eagle

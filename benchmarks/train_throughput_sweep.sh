@@ -4,6 +4,8 @@
 #   benchmarks/train_throughput_sweep.sh multi OUTDIR    # 4 GPUs: DP/TP scaling at 8K; eagle2.5-8b at 32K on 4 ranks
 #   benchmarks/train_throughput_sweep.sh mfu OUTDIR      # 1 GPU, 8K: the flat AdamW step, gradient accumulation
 #                                                        # (mbN), a kernel profile (VARIANTS_8K, VARIANTS_32K override)
+#   benchmarks/train_throughput_sweep.sh scale OUTDIR    # 4 GPUs, today's defaults: eagle2.5-8b at 32K on 4 ranks,
+#                                                        # then DP 1/2/4 at 8K (MEM_CAP=79.18 on H200s: an H100's memory)
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
 # are skipped once the script has run LIMIT seconds (the device tool's 10-minute command limit).
 set -uo pipefail
@@ -46,5 +48,12 @@ elif [ "$mode" = mfu ]; then
     $B --preset eagle2.5-2b --seq-len 32768 --steps 3 --warmup ${WARMUP_32K:-1} --time-budget-s $(( ${LIMIT:-560} - SECONDS - 20 )) \
        --md-out "$out/t32k.md" --variants $VARIANTS_32K 2>&1 | tee "$out/log32k.txt"
   fi
+elif [ "$mode" = scale ]; then
+  CAP="--mem-cap-gib ${MEM_CAP:-0}"
+  $B --preset eagle2.5-8b --seq-len 32768 --steps 3 --warmup 1 --packs 2 --launch-timeout-s 240 --layouts 4x1 $CAP \
+     --md-out "$out/t8b.md" --variants ours+rc-vit+rc-llm+grad-bf16 2>&1 | tee "$out/log8b.txt"
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 1x1 2x1 4x1 $CAP \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) --md-out "$out/tdp.md" --variants ours+rc-vit \
+     2>&1 | tee "$out/logdp.txt"
 fi
 echo "sweep done after ${SECONDS}s"

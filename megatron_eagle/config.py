@@ -72,8 +72,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     downsample_ratio: float = 0.5
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    # Attention kernel: auto picks flash/varlen on GPU, exact per-segment SDPA on CPU; "cudnn" runs
-    # packed (THD) attention on cuDNN's fused SDPA (Hopper, cudnn-frontend package), else as auto.
+    # Attention kernel: auto picks cuDNN's fused SDPA for packed (THD) attention on Hopper with the
+    # cudnn-frontend package, else FA2 varlen on GPU, exact per-segment SDPA on CPU; "cudnn" asks
+    # for cuDNN explicitly, "flash" for FA2.
     attention_backend: Literal["auto", "sdpa", "flex", "flash", "cudnn"] = "auto"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     init_std: float = 0.02

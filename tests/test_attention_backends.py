@@ -111,7 +111,7 @@ def test_cudnn_backend_uses_cudnn_kernel_and_falls_back_on_unsupported_graph(mon
     out, grads = _run(_core("cudnn"), q, k, v, psp)
     assert calls == [((0, 9, 9, 22, 29), True, 0.25)]
     torch.testing.assert_close(out, ref)
-    _run(_core("auto"), q, k, v, psp)  # auto does not try cuDNN unless switched on (and on a GPU)
+    _run(_core("auto"), q, k, v, psp)  # auto tries cuDNN on GPUs only (these are CPU tensors)
     assert len(calls) == 1
 
     def unsupported(*a, **kw):
