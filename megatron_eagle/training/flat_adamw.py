@@ -175,8 +175,9 @@ class FlatAdamW:
         self.segments: list[_Segment] = []
         self.step_count = 0
         self._step_tensor = torch.zeros((), dtype=torch.float32)
-        self._bound: list = []
-        self._bind()
+        # Bound at the first step, when the activations are gone (as torch's AdamW creates its
+        # state): binding allocates the moments and briefly holds two copies of the master weights.
+        self._bound: Optional[list] = None
 
     # ------------------------------------------------------------------ layout
     def _main_to_model(self) -> dict:
@@ -242,6 +243,8 @@ class FlatAdamW:
         self.segments, self._bound = segments, bound
 
     def _still_bound(self) -> bool:
+        if self._bound is None:
+            return False
         state = self.opt.optimizer.state
         for p, m, v, ptr in self._bound:
             st = state.get(p)
