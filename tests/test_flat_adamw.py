@@ -183,3 +183,19 @@ def test_eager_fallback_in_chunks_equals_one_call(monkeypatch):
     for a, b in zip(one, chunked):
         assert torch.equal(a, b)
     assert not torch.equal(one[0], master)
+
+
+def test_packed_group_table_from_ranges_in_chunks():
+    """Built chunk by chunk from param ranges (no per-element temporaries of the whole segment):
+    the same table as packing the full per-element group ids, for chunk edges inside ranges."""
+    from megatron_eagle.training.flat_adamw import pack_groups, packed_group_table
+
+    n = 5000
+    ranges = [(0, 700, 1), (700, 701, 0), (760, 2100, 2), (2100, 4093, 1), (4096, 4999, 3)]
+    gid = torch.zeros(n, dtype=torch.uint8)
+    for a, b, g in ranges:
+        gid[a:b] = g
+    for bits in (2, 4, 8):
+        want = pack_groups(gid, bits)
+        for chunk in (64, 1000, 1 << 20):
+            assert torch.equal(packed_group_table(n, ranges, bits, torch.device("cpu"), chunk=chunk), want)

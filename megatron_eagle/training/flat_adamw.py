@@ -39,6 +39,25 @@ def pack_groups(group_id: torch.Tensor, bits: int) -> torch.Tensor:
     return (g << shifts).sum(1).to(torch.uint8)
 
 
+def packed_group_table(n: int, ranges: list, bits: int, device: torch.device,
+                       chunk: int = 1 << 24) -> torch.Tensor:
+    """The packed table (:func:`pack_groups`) of ``n`` elements whose groups are given as
+    (start, end, group) ranges (elements outside every range: group 0), built chunk by chunk so the
+    temporaries stay ~13 bytes x ``chunk`` however large the segment (a whole model's shard)."""
+    per_byte = 8 // bits
+    chunk -= chunk % per_byte
+    out = torch.zeros(-(-n // per_byte), dtype=torch.uint8, device=device)
+    ranges = sorted(ranges)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        gid = torch.zeros(c1 - c0, dtype=torch.uint8, device=device)
+        for a, b, gi in ranges:
+            if b > c0 and a < c1 and gi:
+                gid[max(a, c0) - c0:min(b, c1) - c0] = gi
+        out[c0 // per_byte:c0 // per_byte + -(-(c1 - c0) // per_byte)] = pack_groups(gid, bits)
+    return out
+
+
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  out: Optional[torch.Tensor], groups: torch.Tensor, lr_wd: torch.Tensor, scalars: torch.Tensor,
                  beta1: float, beta2: float, eps: float, *, bits: int) -> None:
@@ -216,7 +235,7 @@ class FlatAdamW:
             m = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
             v = torch.zeros_like(m)
             params = []
-            gid = torch.zeros(hi - lo, dtype=torch.uint8, device=dev)  # transient: packed below
+            ranges = []
             for p, gi, start, end in items:
                 a, b = start - lo, end - lo
                 st = inner.state.get(p, {})
@@ -225,11 +244,10 @@ class FlatAdamW:
                 for key, buf in (("exp_avg", m), ("exp_avg_sq", v)):
                     if key in st:
                         buf[a:b].copy_(st[key].view(-1))
-                gid[a:b] = gi
+                ranges.append((a, b, gi))
                 params.append((p, a, b))
             segments.append(_Segment(bucket.grad_data.view(-1)[lo:hi], None if fp32_params else param_view,
-                                     master, m, v, pack_groups(gid, self.bits), params))
-            del gid
+                                     master, m, v, packed_group_table(hi - lo, ranges, self.bits, dev), params))
         # Point the optimizer's tensors at the flat buffers (same objects, new storage).
         bound = []
         for seg in segments:
@@ -257,6 +275,11 @@ class FlatAdamW:
     @torch.no_grad()
     def step(self, closure=None):
         """The inner optimizer's step: one fused update per bucket shard."""
+        # The kernel reads the grad buffer itself; with bf16 grad buffers megatron's main grads are
+        # fp32 copies (4 bytes per parameter): free them before binding allocates anything.
+        for group in self.opt.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         if not self._still_bound():
             self._bind()
         self.step_count += 1
