@@ -199,3 +199,43 @@ def test_packed_group_table_from_ranges_in_chunks():
         want = pack_groups(gid, bits)
         for chunk in (64, 1000, 1 << 20):
             assert torch.equal(packed_group_table(n, ranges, bits, torch.device("cpu"), chunk=chunk), want)
+
+
+def _oom_at_bind(rank, world):
+    import warnings
+
+    from megatron_eagle.training import flat_adamw
+    from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
+    from tests.model_fixtures import mixed_pack
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("test: no room for the flat buffers")
+
+    flat_adamw.FlatAdamW._bind = no_memory
+    out = {}
+    for flat in (False, True):
+        cfg, model, ddp, opt, parts = _build("bfloat16", flat)
+        for step in range(3):
+            for g in opt.param_groups:
+                g["weight_decay"] = 0.05 * g["wd_mult"]
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            forward_backward(ddp, [mixed_pack(cfg, seed=step)], torch.device("cpu"))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert guarded_optimizer_step(opt, 0.05)[0]
+            said = any("ran out of memory" in str(w.message) for w in caught)
+            assert said == (flat and step == 0), (flat, step)
+            if flat and step == 0:
+                assert not any(hasattr(p, "flat_adamw") for p in parts)  # uninstalled after the OOM
+        out[flat] = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                     if torch.is_tensor(v) and v.is_floating_point()}
+    return out
+
+
+def test_flat_adamw_falls_back_to_megatron_when_binding_runs_out_of_memory():
+    """An OOM while binding uninstalls the flat step: that step (clipped) and the later ones run
+    megatron's path, with the same weights as a run that never had the flat step."""
+    out = run_distributed(_oom_at_bind, 1, timeout=300)[0]
+    for k in out[False]:
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=0, atol=0, msg=k)

@@ -281,7 +281,12 @@ class FlatAdamW:
             for p in group["params"]:
                 p.grad = None
         if not self._still_bound():
-            self._bind()
+            try:
+                self._bind()
+            except torch.OutOfMemoryError:
+                # Binding holds the master weights twice for a moment; where that does not fit,
+                # step this and every later step on megatron's per-parameter path instead.
+                return self._give_back(closure)
         self.step_count += 1
         self._step_tensor.fill_(float(self.step_count))
         groups = self.opt.optimizer.param_groups
@@ -297,6 +302,23 @@ class FlatAdamW:
                        scalars, self.beta1, self.beta2, self.eps)
         self.grad_scale = 1.0
         self.wrote_model_params = True
+
+
+    def _give_back(self, closure=None):
+        """Uninstall: this step and the later ones run megatron's own path (nothing was re-bound)."""
+        o, inner = self.opt, self.opt.optimizer
+        self.segments, self._bound = [], None
+        inner.__dict__.pop("step", None)  # the class's AdamW.step again
+        o.__dict__.pop("_copy_main_params_to_model_params", None)
+        o.__dict__.pop("flat_adamw", None)
+        warnings.warn("flat AdamW: binding the flat buffers ran out of memory; megatron's optimizer step "
+                      "from now on")
+        o._copy_model_grads_to_main_grads()  # the main grads this step (freed above)
+        if self.grad_scale < 1.0:
+            torch._foreach_mul_([p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None],
+                                self.grad_scale)
+        self.grad_scale, self.wrote_model_params = 1.0, False
+        return inner.step(closure)
 
 
 def enable(optimizer) -> int:
