@@ -29,6 +29,9 @@ class OptimSection:
     # fp32 gradient buffers and DP reduction; false halves their memory (eagle2.5-8b at 32K on
     # 80 GB cards needs it, BENCHMARKS.md "Training throughput")
     grad_reduce_in_fp32: bool = True
+    # one fused AdamW + clip + bf16-param pass per DDP bucket shard (training/flat_adamw.py); false:
+    # megatron's per-parameter step (same arithmetic, ~1.6x the optimizer's memory traffic)
+    flat_adamw: bool = True
 
 
 @dataclass
