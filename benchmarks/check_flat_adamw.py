@@ -45,7 +45,7 @@ def main() -> int:
     compiled(*state[:1], grad, *state[1:], out_c, groups, lr_wd, scal, 0.9, 0.999, 1e-8)
     adamw_update(eager[0], grad, eager[1], eager[2], out_e, groups, lr_wd, scal, 0.9, 0.999, 1e-8, bits=1)
     ok = True
-    for name, a, b in (("master", state[0], eager[0]), ("exp_avg", state[1], eager[1]), ("exp_avg_sq", state[2], eager[2])):
+    for name, a, b in zip(("master", "exp_avg", "exp_avg_sq"), state, eager):
         rel = float((a - b).abs().max() / b.abs().max())
         ok = ok and rel < 1e-6
         print(f"{name}: max relative difference compiled vs eager {rel:.1e}")

@@ -160,8 +160,8 @@ def test_packed_group_table_round_trips(groups):
     gid = torch.randint(0, groups, (1003,), generator=torch.Generator().manual_seed(groups)).to(torch.uint8)
     packed = pack_groups(gid, bits)
     assert packed.numel() == -(-1003 // (8 // bits))
-    idx = torch.arange(1003)
-    back = (packed[idx // (8 // bits)].to(torch.int32) >> ((idx % (8 // bits)) * bits).to(torch.int32)) & (2 ** bits - 1)
+    idx, per_byte = torch.arange(1003), 8 // bits
+    back = (packed[idx // per_byte].to(torch.int32) >> ((idx % per_byte) * bits).to(torch.int32)) & (2 ** bits - 1)
     assert torch.equal(back.to(torch.uint8), gid)
 
 

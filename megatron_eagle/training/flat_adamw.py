@@ -6,13 +6,15 @@ fp32 master tensors, then clips and copies them back to the bf16 params tensor b
 moments live in flat fp32 buffers laid out exactly like this rank's shard of each DDP bucket, so
 one elementwise kernel per bucket reads the gradient straight from the grad buffer, applies the
 clip coefficient, updates master weights and moments, and writes the bf16 param buffer (30 bytes
-per parameter, plus a bit for its param group). On CUDA the kernel is ``torch.compile``'d (one Triton kernel); elsewhere it runs
-eagerly with the same arithmetic.
+per parameter, plus a bit for its param group). On CUDA the kernel is ``torch.compile``'d (one
+Triton kernel, probed against the eager expression before it is used); elsewhere it runs eagerly
+with the same arithmetic.
 
 Nothing else changes: the per-parameter master tensors and Adam state stay in the inner
 optimizer (as views into the flat buffers), so checkpoints, resharding and ``reload_model_params``
-see what they always saw. A checkpoint load replaces those tensors; the next step notices and
-copies them into the flat buffers again.
+see what they always saw. The buffers are bound at the first step (when torch's AdamW would create
+its state); a checkpoint load replaces those tensors, and the next step binds them again. If
+binding runs out of memory, megatron's own step takes over for the rest of the run.
 """
 
 from __future__ import annotations
