@@ -445,8 +445,8 @@ class HFSide:
         self.marks.reset()
         self.marks.mark("step_start")
         self.opt.zero_grad(set_to_none=True)
-        first = None
-        for i, pack in enumerate(group):  # gradient accumulation over the micro-batches
+        losses = []
+        for pack in group:  # gradient accumulation over the micro-batches
             b = pack.batch
             emb = self.ref.input_embeds(b.tokens, b.pixel_values)
             pos = b.position_ids.unsqueeze(0) if self.v.doc_mask else None
@@ -457,13 +457,12 @@ class HFSide:
             loss = (ce * b.loss_weights).sum()
             self.marks.mark("fwd_end")
             (loss / len(group)).backward()
-            first = loss.detach() if first is None else first
+            losses.append(float(loss.detach()))
         self.marks.mark("bwd_end")
-        loss = first
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.marks.mark("opt_end")
-        return float(loss.detach())
+        return losses[0]
 
     def close(self):
         for h in self.hooks:

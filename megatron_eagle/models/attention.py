@@ -3,12 +3,12 @@
 Replaces megatron-core's local ``DotProductAttention``, which cannot take packed sequences
 and materialises a full [s, s] score matrix. Attention is causal within each sub-sample
 and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
+- GPU, THD, ``backend="cudnn"`` or ``"auto"``: cuDNN's fused SDPA with ragged offsets
+  (:mod:`megatron_eagle.models.cudnn_attention`); falls back to the kernels below, with one warning
+  naming why, where cuDNN cannot run (no cudnn-frontend package, pre-Hopper, graph unsupported);
 - GPU, THD: FlashAttention-2's varlen kernel (``aten::_flash_attention_forward``, differentiable),
   with GQA handled inside the kernel (no repeated K/V heads); ``torch.nn.attention.varlen`` as
   a fallback (its keywords differ across torch versions);
-- GPU, THD, ``backend="cudnn"`` (opt-in): cuDNN's fused SDPA with ragged offsets
-  (:mod:`megatron_eagle.models.cudnn_attention`); falls back to the kernels below, with one warning
-  naming why, where cuDNN cannot run (CPU, no cudnn-frontend package, pre-Hopper, graph unsupported);
 - GPU/CPU fallback and exact reference: per-segment ``scaled_dot_product_attention``
   (memory O(max_len²) per segment at worst, never O(total²)).
 With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the

@@ -305,7 +305,6 @@ class FlatAdamW:
         self.grad_scale = 1.0
         self.wrote_model_params = True
 
-
     def _give_back(self, closure=None):
         """Uninstall: this step and the later ones run megatron's own path (nothing was re-bound)."""
         o, inner = self.opt, self.opt.optimizer
