@@ -548,8 +548,9 @@ def profile_step(side, group: list, top: int = 60) -> dict:
 
     torch.cuda.synchronize()
     host = os.environ.get("BENCH_PROFILE_CPU") == "1"  # also the host side: where launch time goes
-    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
-    with profile(activities=acts) as prof:
+    shapes = os.environ.get("BENCH_PROFILE_SHAPES") == "1"  # which op (and input shapes) launched what
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host or shapes else [])
+    with profile(activities=acts, record_shapes=shapes) as prof:
         t0 = time.perf_counter()
         side.step(group)
         torch.cuda.synchronize()
@@ -569,8 +570,14 @@ def profile_step(side, group: list, top: int = 60) -> dict:
         ops = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
         ops.sort(key=lambda a: -a.self_cpu_time_total)
         host_top = [(a.key[:120], round(a.self_cpu_time_total / 1e3, 2), a.count) for a in ops[:30]]
+    ops_top = None
+    if shapes:  # GPU time of each host op (with its input shapes), excluding its children's
+        ops = [a for a in prof.key_averages(group_by_input_shape=True) if a.self_device_time_total > 0]
+        ops.sort(key=lambda a: -a.self_device_time_total)
+        ops_top = [(a.key[:80], str(a.input_shapes)[:200], round(a.self_device_time_total / 1e3, 2), a.count)
+                   for a in ops[:60]]
     # busy < 1: the GPU waited for the host (launch overhead, syncs) for part of the step
-    return dict(host_top=host_top, total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
+    return dict(host_top=host_top, ops_top=ops_top, total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
                 categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                 top=[(n[:160], round(ms, 2)) for n, ms in ranked])
 
@@ -712,6 +719,8 @@ def worker(args) -> list[dict]:
                     log(f"#     {ms:8.2f} ms  {name[:110]}")
                 for name, ms, count in k.get("host_top") or []:
                     log(f"#     host {ms:8.2f} ms  x{count:<5d} {name[:100]}")
+                for name, shp, ms, count in k.get("ops_top") or []:
+                    log(f"#     op {ms:8.2f} ms  x{count:<5d} {name[:60]} {shp[:150]}")
     shutdown()
     return results if rt.rank == 0 else []
 

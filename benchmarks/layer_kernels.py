@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Sub-layer kernels at eagle2.5-2b's 8K shapes on one GPU: candidates for the non-GEMM time.
+
+Each case times forward and forward+backward (CUDA events, warm-up, median of N) of the way the
+model runs an op today against candidate replacements, and checks each candidate's outputs and
+input gradients against today's:
+
+- ViT attention (25 tiles x 1024 patches, 16 heads x 72): q/k/v split from megatron's fused qkv
+  projection, through SDPA with each backend, with the head dim zero-padded to 80/96/128 (the
+  kernels for 128 run about 2.4x faster backward than for 72), and through cuDNN frontend graphs;
+- LayerNorm [25.6K, 1152] and the residual add before it, native vs torch.compile'd (fused);
+- RMSNorm [8192, 1536], native vs compiled;
+- packed RoPE on q [8192, 12, 128] and k [8192, 2, 128], today's compiled rotation (cos/sin per
+  call) vs cos/sin computed once per step.
+
+    python benchmarks/layer_kernels.py --out benchmarks/results/layer_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def time_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
+    """Median CUDA-event time of fn() in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def run_case(name: str, make_inputs: Callable[[], tuple], impls: Dict[str, Callable], reps: int) -> dict:
+    """Time each impl fwd and fwd+bwd; compare outputs and grads with the first impl's."""
+    out: dict = {"case": name, "impls": {}}
+    ref = None
+    for label, fn in impls.items():
+        row: dict = {}
+        try:
+            inputs = make_inputs()
+            leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            res = fn(*inputs)
+            res = res if isinstance(res, tuple) else (res,)
+            grads_out = [torch.randn_like(r, generator=torch.Generator(r.device).manual_seed(7 + i))
+                         for i, r in enumerate(res)]
+            torch.autograd.backward(res, grads_out)
+            got = [r.detach().float() for r in res] + [t.grad.detach().float() for t in leaves]
+            if ref is None:
+                ref = got
+            else:
+                row["max_abs_diff"] = max((g - r).abs().max().item() for g, r in zip(got, ref))
+                row["max_rel_l2"] = max(((g - r).norm() / r.norm().clamp_min(1e-12)).item() for g, r in zip(got, ref))
+            for t in leaves:
+                t.grad = None
+
+            def fwd():
+                with torch.no_grad():
+                    fn(*inputs)
+
+            def fwd_bwd():
+                r = fn(*inputs)
+                torch.autograd.backward(r if isinstance(r, tuple) else (r,), grads_out)
+
+            row["fwd_ms"] = time_ms(fwd, reps)
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd, reps)
+            row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run is a result too
+            row = {"status": "error", "error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-800:]}
+        out["impls"][label] = row
+        print(f"{name:28s} {label:34s} " + (f"fwd {row['fwd_ms']:7.3f}  fwd+bwd {row['fwd_bwd_ms']:7.3f} ms  "
+                                               f"diff {row.get('max_abs_diff', 0):.2e}" if row["status"] == "ok"
+                                               else row["error"][:150]), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- ViT attention
+
+def vit_attention_case(tiles: int, reps: int) -> dict:
+    s, h, d = 1024, 16, 72
+    scale = 1.0 / math.sqrt(d)
+    dev = torch.device("cuda")
+
+    def make():
+        qkv = torch.randn(s, tiles, h, 3 * d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        return (qkv,)
+
+    def split(qkv):  # megatron's view: per head [q | k | v]
+        return torch.split(qkv, [d, d, d], dim=-1)
+
+    def sdpa(backend=None, pad: int = 0):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn(qkv):
+            q, k, v = (x.permute(1, 2, 0, 3) for x in split(qkv))  # [b, h, s, d]
+            if pad:
+                q, k, v = (F.pad(x, (0, pad - d)) for x in (q, k, v))
+            if backend is None:
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            else:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            if pad:
+                o = o[..., :d]
+            return o.permute(2, 0, 1, 3).reshape(s, tiles, h * d)
+        return fn
+
+    def cudnn_frontend(qkv):
+        from megatron_eagle.models.cudnn_attention import cudnn_packed_attention
+
+        q, k, v = (x.transpose(0, 1).reshape(tiles * s, h, d) for x in split(qkv))  # [b*s, h, d]
+        cu = torch.arange(0, tiles + 1, device=qkv.device, dtype=torch.int32) * s
+        o = cudnn_packed_attention(q, k, v, cu, False, scale)
+        return o.view(tiles, s, h * d).transpose(0, 1)
+
+    impls = {"sdpa (auto, today)": sdpa(), "sdpa cudnn": sdpa("CUDNN_ATTENTION"),
+             "sdpa flash": sdpa("FLASH_ATTENTION"), "sdpa efficient": sdpa("EFFICIENT_ATTENTION"),
+             "sdpa cudnn pad 80": sdpa("CUDNN_ATTENTION", 80), "sdpa cudnn pad 96": sdpa("CUDNN_ATTENTION", 96),
+             "sdpa cudnn pad 128": sdpa("CUDNN_ATTENTION", 128), "sdpa flash pad 96": sdpa("FLASH_ATTENTION", 96),
+             "sdpa flash pad 128": sdpa("FLASH_ATTENTION", 128), "cudnn frontend ragged": cudnn_frontend}
+    res = run_case(f"ViT attention x{tiles}", make, impls, reps)
+    res["tflop_fwd"] = 4 * tiles * h * d * s * s / 1e12
+    return res
+
+
+# ----------------------------------------------------------------------------- norms
+
+def layernorm_cases(tokens: int, reps: int) -> list:
+    c, dev = 1152, torch.device("cuda")
+
+    def make():
+        g = torch.Generator(dev).manual_seed(0)
+        a = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        r = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        bias = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        w = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        b = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        return a, r, bias, w, b
+
+    def ln(a, r, bias, w, b):
+        return F.layer_norm(a, (c,), w, b, 1e-6)
+
+    def add_ln(a, r, bias, w, b):
+        x = a + bias + r
+        return x, F.layer_norm(x, (c,), w, b, 1e-6)
+
+    comp_ln = torch.compile(ln, dynamic=True)
+    comp_add_ln = torch.compile(add_ln, dynamic=True)
+    return [run_case("LayerNorm [T,1152]", make, {"native": ln, "compiled": comp_ln}, reps),
+            run_case("bias+residual+LayerNorm", make, {"native": add_ln, "compiled (fused)": comp_add_ln}, reps)]
+
+
+def rmsnorm_case(tokens: int, reps: int) -> dict:
+    c, dev = 1536, torch.device("cuda")
+
+    def make():
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        r = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        w = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        return x, r, w
+
+    def rms(x, r, w):
+        return F.rms_norm(x, (c,), w, 1e-6)
+
+    def add_rms(x, r, w):
+        y = x + r
+        return y, F.rms_norm(y, (c,), w, 1e-6)
+
+    return [run_case("RMSNorm [8K,1536]", make, {"native": rms, "compiled": torch.compile(rms, dynamic=True)}, reps),
+            run_case("residual+RMSNorm", make, {"native": add_rms, "compiled (fused)": torch.compile(add_rms, dynamic=True)},
+                     reps)]
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_case(tokens: int, reps: int) -> dict:
+    from megatron_eagle.models.rope import rotate
+
+    dev, d = torch.device("cuda"), 128
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+    pos = torch.arange(tokens, device=dev, dtype=torch.float32) % 2048
+    emb = torch.outer(pos, inv)
+    freqs = torch.cat((emb, emb), dim=-1)[:, None, None, :]  # [t, 1, 1, d] as megatron passes it
+
+    def make():
+        qkv = torch.randn(tokens, 1, 2, 8 * d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        return (qkv,)
+
+    def qk(qkv):  # megatron's GQA split: per group [6 q heads | k | v]
+        q, k, _ = torch.split(qkv, [6 * d, d, d], dim=-1)
+        return q.reshape(tokens, 1, 12, d), k
+
+    comp = torch.compile(rotate, dynamic=True)
+
+    def today(qkv):
+        q, k = qk(qkv)
+        return comp(q, freqs), comp(k, freqs)
+
+    def rotate_cs(t, cos, sin):
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    comp_cs = torch.compile(rotate_cs, dynamic=True)
+    cos, sin = freqs.cos().to(torch.bfloat16), freqs.sin().to(torch.bfloat16)
+
+    def cached(qkv):
+        q, k = qk(qkv)
+        return comp_cs(q, cos, sin), comp_cs(k, cos, sin)
+
+    return run_case("RoPE q+k [8K]", make, {"compiled, cos/sin per call (today)": today,
+                                             "compiled, cos/sin once per step": cached}, reps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 2
+    torch.manual_seed(0)
+    res = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "cases": []}
+    res["cases"].append(vit_attention_case(args.tiles, args.reps))
+    res["cases"] += layernorm_cases(args.tiles * 1024, args.reps)
+    res["cases"] += rmsnorm_case(8192, args.reps)
+    res["cases"].append(rope_case(8192, args.reps))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
