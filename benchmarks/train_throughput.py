@@ -101,6 +101,8 @@ class Variant:
     fused_rope: bool = True  # the torch.compile'd RoPE rotation on GPUs (False: megatron's eager ops)
     wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
     flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
+    bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
+    rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
@@ -116,7 +118,8 @@ OURS_TOKENS = {
     "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
     "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
-    "no-flat-adam": ("flat_adam", False), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
+    "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
+    "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
 
@@ -321,7 +324,10 @@ class OursSide:
         from megatron.core.distributed import finalize_model_grads
 
         from megatron_eagle.config import ParallelConfig
-        from megatron_eagle.models import attention, loss, rope
+        from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        from megatron_eagle.models import attention, connector, loss, rope, specs
         from megatron_eagle.models.eagle import build_model
         from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, use_foreach_multi_tensor, wrap_ddp
 
@@ -330,6 +336,9 @@ class OursSide:
         mc = dataclasses.replace(cfg, recompute_vision=v.recompute_vision, recompute_llm=v.recompute_llm,
                                  attention_backend=v.attention or cfg.attention_backend)
         par = ParallelConfig(tp=tp, sp=v.sp and tp > 1)
+        if not v.bias_gemm:  # megatron's matmul, then the bias add as its own pass
+            self._patch(specs, "BiasInGemmColumnParallelLinear", ColumnParallelLinear)
+            self._patch(connector, "BiasInGemmColumnParallelLinear", ColumnParallelLinear)
         model = build_model(mc, par, chunk_tokens=2048)
         llm_cfg = model.language_model.config
         if v.recompute_llm_layers:
@@ -356,6 +365,8 @@ class OursSide:
             self._patch(attention, "GQA_NATIVE", False)
         if not v.fused_rope:
             self._patch(rope, "FUSED", False)
+        if v.rope_per_call:
+            self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
                             wgrad_fusion=v.wgrad_fusion, flat_adamw=v.flat_adam,
                             overlap_grad_reduce=v.overlap, overlap_param_gather=v.overlap)
@@ -402,6 +413,29 @@ class OursSide:
         for fn in self._undo:
             fn()
         self._patches, self._undo = [], []
+
+
+_ROPE_PER_CALL = None
+
+
+def _rope_per_call_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
+                       cp_group=None):
+    """The third session's packed RoPE (baseline of ``rope-per-call``): every call gathers the packed
+    freqs and computes cos/sin inside its compiled rotation kernel."""
+    global _ROPE_PER_CALL
+    from megatron_eagle.models import rope
+
+    if not t.is_cuda or (cp_group is not None and cp_group.size() != 1):
+        return rope._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention,
+                                              mscale, cp_group)
+
+    def rotate(x, f, m):
+        return rope.rotate_cos_sin(x, (torch.cos(f) * m).to(x.dtype), (torch.sin(f) * m).to(x.dtype))
+
+    if _ROPE_PER_CALL is None:
+        _ROPE_PER_CALL = torch.compile(rotate, dynamic=True)
+    packed = freqs if freqs.size(0) == t.size(0) else freqs[rope.packed_positions(cu_seqlens, t.size(0))]
+    return _ROPE_PER_CALL(t.unsqueeze(1), packed, mscale).squeeze(1)
 
 
 def _legacy_chunk_ce(hidden, weight, labels):

@@ -17,7 +17,7 @@ def _bench(rank, world, out):
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
           "--variants", "hf", "hf+nomask", "ours",
-          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt",
+          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm",
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -25,7 +25,7 @@ def _bench(rank, world, out):
 def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "tt.json"
     runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
-    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt"
+    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm"
     assert [r["ours_variant"] for r in runs] == ["ours", legacy]
     for r in runs:
         for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
@@ -153,7 +153,8 @@ def _chunk_ce_cases(rank, world):
 
 
 def _rope_cases():
-    """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1)."""
+    """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1): the
+    eager path, and the fused path's math (cos/sin once per pack, shared by calls) run on CPU."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -161,23 +162,31 @@ def _rope_cases():
 
     g = torch.Generator().manual_seed(1)
     cp = ps.get_context_parallel_group()
-    emb = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000)
     cases = []
-    for lens in ([5, 1, 17, 9], [32], [1, 1, 1], [7, 25]):
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-        t = torch.randn(sum(lens), 3, 16, generator=g)
-        for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
-            freqs = emb(max_len, packed_seq=True)
-            cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp),
-                          rope._ORIGINAL(t, cu, freqs, cp_group=cp)))
+    for rot_pct in (1.0, 0.5):
+        emb = RotaryEmbedding(kv_channels=16, rotary_percent=rot_pct, rotary_base=10000)
+        for lens in ([5, 1, 17, 9], [32], [1, 1, 1], [7, 25]):
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+            for dtype in (torch.float32, torch.bfloat16):
+                t = torch.randn(sum(lens), 3, 16, generator=g).to(dtype)
+                for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
+                    freqs = emb(max_len, packed_seq=True)
+                    want = rope._ORIGINAL(t, cu, freqs, cp_group=cp)
+                    cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                    rope.FUSED_ON_CPU = True
+                    try:
+                        for _ in range(2):  # the second call reads the cached cos/sin
+                            cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                    finally:
+                        rope.FUSED_ON_CPU = False
     pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
     return cases, pos.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rope_expression_equals_megatron(dtype):
-    """``rope.rotate`` (what is torch.compile'd on GPUs) is megatron's bshd rotation op for op:
-    same outputs and input gradients, with partial rotary dims and mscale."""
+    """``rope.rotate_cos_sin`` (what is torch.compile'd on GPUs) is megatron's bshd rotation op for
+    op: same outputs and input gradients, with partial rotary dims and mscale."""
     from megatron.core.models.common.embeddings import rope_utils
 
     from megatron_eagle.models import rope
@@ -187,12 +196,33 @@ def test_fused_rope_expression_equals_megatron(dtype):
         t = torch.randn(11, 1, 3, d, generator=g).to(dtype).requires_grad_()
         freqs = torch.randn(11, 1, 1, rot, generator=g)
         w = torch.randn(11, 1, 3, d, generator=g).to(dtype)
-        out = rope.rotate(t, freqs, mscale)
+        cos, sin = ((f(freqs) * mscale).to(dtype) for f in (torch.cos, torch.sin))
+        out = rope.rotate_cos_sin(t, cos, sin)
         ref = rope_utils._apply_rotary_pos_emb_bshd(t, freqs, mscale=mscale)
         assert torch.equal(out, ref)
         (ga,), (gb,) = (torch.autograd.grad((o.float() * w.float()).sum(), t) for o in (out, ref))
         assert torch.equal(ga, gb)
-    assert rope._rotate_bshd(t, freqs, False, False, mscale) is not None and rope._compiled is None  # CPU: eager
+
+
+def test_packed_cos_sin_cache_hits_and_misses():
+    """cos/sin are computed once per (freqs, cu_seqlens) pair; another pack, an in-place change or
+    another dtype recomputes them."""
+    from megatron_eagle.models import rope
+
+    freqs = torch.randn(16, 1, 1, 8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    a = rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)
+    assert rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
+    pos = rope.packed_positions(cu, 12)
+    torch.testing.assert_close(a[0], torch.cos(freqs[pos]).reshape(12, 1, 8), rtol=0, atol=0)
+    cu2 = torch.tensor([0, 5, 12], dtype=torch.int32)  # equal values, another pack
+    assert rope.packed_cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
+    b = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert b[0].dtype == torch.bfloat16
+    freqs.mul_(2)  # in place: the version moves
+    c = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert c[0] is not b[0] and not torch.equal(c[0], b[0])
+
 
 def test_chunk_ce_gemm_dtype():
     """fp32 weights: the exact fp32 GEMM as before; bf16 weights: bf16 GEMM, fp32 cross-entropy."""

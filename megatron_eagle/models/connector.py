@@ -6,9 +6,11 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -34,8 +36,8 @@ class MLPConnector(MegatronModule):
         super().__init__(config=cfg)
         self.norm = torch.nn.LayerNorm(in_features, eps=eps, dtype=cfg.params_dtype)
         init = lambda w: torch.nn.init.normal_(w, std=cfg.init_method_std)  # noqa: E731
-        self.fc1 = ColumnParallelLinear(in_features, hidden_size, config=cfg, init_method=init, bias=True,
-                                        gather_output=False, skip_bias_add=False)
+        self.fc1 = BiasInGemmColumnParallelLinear(in_features, hidden_size, config=cfg, init_method=init, bias=True,
+                                                  gather_output=False, skip_bias_add=False)
         self.fc2 = RowParallelLinear(hidden_size, hidden_size, config=cfg, init_method=init, bias=True,
                                      input_is_parallel=True, skip_bias_add=False)
         for b in (self.fc1.bias, self.fc2.bias):

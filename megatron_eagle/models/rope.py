@@ -5,9 +5,10 @@ transformer-engine) reads the sub-sample lengths with ``.tolist()`` and loops ov
 Python: two device-to-host syncs per layer (query and key) in every forward. Without context
 parallelism the positions are just ``t - cu_seqlens[segment(t)]``, which the GPU computes; the
 rotation itself is megatron's own ``_apply_rotary_pos_emb_bshd``, so the results are identical.
-On GPUs the same rotation runs as one ``torch.compile``'d kernel per call (cos/sin, rotate-half,
-multiply-add and its backward fused; ``FUSED = False`` restores megatron's eager ops).
-With CP > 1 megatron's function runs unchanged.
+On GPUs the same rotation runs as one ``torch.compile``'d kernel per call (rotate-half and
+multiply-add, and its backward, fused; ``FUSED = False`` restores megatron's eager ops), with the
+packed cos/sin gathered and computed once per pack and shared by every layer's query and key
+(megatron rounds them to the activation dtype too). With CP > 1 megatron's function runs unchanged.
 """
 
 from __future__ import annotations
@@ -17,29 +18,39 @@ from megatron.core.models.common.embeddings import rope_utils
 
 _ORIGINAL = rope_utils._apply_rotary_pos_emb_thd
 FUSED = True  # compile the rotation on CUDA tensors
+FUSED_ON_CPU = False  # tests: run the fused path's math (uncompiled) on CPU tensors
 _compiled = None
+_cos_sin_cache: list = []  # [(freqs, cu_seqlens, key, cos, sin)]: the pack in flight (one entry)
 
 
-def rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
-    """megatron's non-interleaved ``_apply_rotary_pos_emb_bshd`` as one expression (what gets compiled)."""
-    rot_dim = freqs.shape[-1]
+def rotate_cos_sin(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's non-interleaved ``_apply_rotary_pos_emb_bshd`` as one expression (what gets compiled),
+    with cos/sin given: already scaled, in ``t``'s dtype, last dim = the rotary dim."""
+    rot_dim = cos.shape[-1]
     x, x_pass = t[..., :rot_dim], t[..., rot_dim:]
-    cos = (torch.cos(freqs) * mscale).to(t.dtype)
-    sin = (torch.sin(freqs) * mscale).to(t.dtype)
     x1, x2 = torch.chunk(x, 2, dim=-1)
     out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((out, x_pass), dim=-1)
 
 
-def _rotate_bshd(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool, multi_latent_attention: bool,
-                 mscale: float) -> torch.Tensor:
-    global _compiled
-    if FUSED and t.is_cuda and not rotary_interleaved and not multi_latent_attention:
-        if _compiled is None:
-            _compiled = torch.compile(rotate, dynamic=True)  # pack lengths vary: one graph for all
-        return _compiled(t, freqs, mscale)
-    return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=rotary_interleaved,
-                                                 multi_latent_attention=multi_latent_attention, mscale=mscale)
+def packed_cos_sin(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int, dtype: torch.dtype,
+                   mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [total, 1, rot_dim] of each packed token, computed once per (freqs, cu_seqlens) pair.
+
+    Every layer of a forward (and its recompute) passes the same two tensors, so only the first
+    query of the first layer pays the gather and the transcendentals. The cache holds one entry
+    and compares tensors by identity and version, so a new pack (or an in-place change) misses.
+    """
+    key = (freqs._version, cu_seqlens._version, total, dtype, float(mscale), freqs.device)
+    if _cos_sin_cache:
+        f, cu, k, cos, sin = _cos_sin_cache[0]
+        if f is freqs and cu is cu_seqlens and k == key:
+            return cos, sin
+    packed = freqs if freqs.size(0) == total else freqs[packed_positions(cu_seqlens, total)]
+    packed = packed.reshape(total, 1, packed.shape[-1]).float()
+    cos, sin = (torch.cos(packed) * mscale).to(dtype), (torch.sin(packed) * mscale).to(dtype)
+    _cos_sin_cache[:] = [(freqs, cu_seqlens, key, cos, sin)]
+    return cos, sin
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -55,11 +66,22 @@ def _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False, mu
     if cp_group is None or cp_group.size() != 1:
         return _ORIGINAL(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
                          multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
+    on_device = t.is_cuda or FUSED_ON_CPU
+    if FUSED and on_device and not rotary_interleaved and not multi_latent_attention and t.dim() == 3:
+        global _compiled
+        cos, sin = packed_cos_sin(freqs, cu_seqlens, t.size(0), t.dtype, mscale)
+        if not t.is_cuda:
+            return rotate_cos_sin(t, cos, sin)
+        if _compiled is None:
+            _compiled = torch.compile(rotate_cos_sin, dynamic=True)  # pack lengths vary: one graph for all
+        return _compiled(t, cos, sin)
     if freqs.size(0) == t.size(0):  # megatron's "exact" case: freqs already hold every packed position
         packed = freqs
     else:
         packed = freqs[packed_positions(cu_seqlens, t.size(0))]
-    return _rotate_bshd(t.unsqueeze(1), packed, rotary_interleaved, multi_latent_attention, mscale).squeeze(1)
+    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), packed, rotary_interleaved=rotary_interleaved,
+                                                 multi_latent_attention=multi_latent_attention,
+                                                 mscale=mscale).squeeze(1)
 
 
 def install(enable: bool = True) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_eagle.models.attention import PackedCoreAttention
+from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
 from megatron_eagle.models.norm import Norm
 
 
@@ -26,7 +27,7 @@ def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=BiasInGemmColumnParallelLinear,  # qkv biases (ViT, Qwen2) in the GEMM
                     core_attention=ModuleSpec(module=PackedCoreAttention, params={"backend": backend}),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -35,7 +36,7 @@ def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=BiasInGemmColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
         ),
