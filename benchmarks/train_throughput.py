@@ -38,7 +38,8 @@ Variant tokens after ``ours``: ``rc-vit`` (full ViT recompute), ``rc-llm`` (full
 LM-head GEMM), ``legacy-gqa`` (repeat K/V heads before flash), ``legacy-rope`` (megatron's THD
 RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-norm/clip loops
 instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
-buffers), ``overlap`` (overlap grad reduce-scatter and param all-gather with compute),
+buffers), ``overlap`` (overlap grad reduce-scatter and param all-gather with compute; ``overlap-grad``: only
+the reduce-scatter),
 ``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed attention
 on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam`` (megatron's per-parameter AdamW step,
 clip and param copy instead of the flat fused one). On both sides ``mbN`` accumulates gradients
@@ -94,6 +95,7 @@ class Variant:
     offload_vit: bool = False
     grad_bf16: bool = False
     overlap: bool = False
+    overlap_grad: bool = False  # only the grad reduce-scatter overlapped with the backward
     sp: bool = False
     vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
     llm_bda_fusion: Optional[bool] = None  # None: the model's default (unfused residual add: no biases)
@@ -118,6 +120,7 @@ OURS_TOKENS = {
     "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
     "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
+    "overlap-grad": ("overlap_grad", True),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
     "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
 }
@@ -369,7 +372,7 @@ class OursSide:
             self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
                             wgrad_fusion=v.wgrad_fusion, flat_adamw=v.flat_adam,
-                            overlap_grad_reduce=v.overlap, overlap_param_gather=v.overlap)
+                            overlap_grad_reduce=v.overlap or v.overlap_grad, overlap_param_gather=v.overlap)
         bf16 = mc.params_dtype == "bfloat16"
         self.ddp = wrap_ddp(model, optim, bf16)
         self.ddp.config.finalize_model_grads_func = finalize_model_grads
