@@ -720,7 +720,11 @@ def worker(args) -> list[dict]:
                 attention_check=attn, mem_cap_gib=args.mem_cap_gib or None)
     results = []
     for seq_len in args.seq_len:
-        packs = [make_pack(cfg, seq_len, seed=1000 * dp_rank + i) for i in range(args.packs)]
+        # Same packs on every DP rank by default: synthetic packs differ in cost by up to 1.5x, and the
+        # slowest rank sets the step, so distinct packs measure their imbalance rather than the
+        # parallel overhead (the loader balances real packs across ranks: BENCHMARKS.md, "Packing").
+        rank_seed = 1000 * dp_rank if args.rank_packs == "distinct" else 0
+        packs = [make_pack(cfg, seq_len, seed=rank_seed + i) for i in range(args.packs)]
         if device.type == "cuda":
             packs = [dataclasses.replace(p, batch=p.batch.to(device)) for p in packs]
         desc = dict(tiles=[p.tiles for p in packs], subsamples=[len(p.lens) for p in packs],
@@ -778,7 +782,8 @@ def launch(args, n: int, tp: int, seq: int, variants: list[str]) -> list[dict]:
         wout = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                str(Path(__file__).resolve()), "--preset", args.preset, "--tp", str(tp), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--packs", str(args.packs), "--worker-out", str(wout),
+               "--warmup", str(args.warmup), "--packs", str(args.packs), "--rank-packs", args.rank_packs,
+               "--worker-out", str(wout),
                "--seq-len", str(seq), "--variants", *variants]
         if args.bf16_cpu:
             cmd.append("--bf16-cpu")
@@ -902,6 +907,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--packs", type=int, default=3, help="distinct packs per seq len, cycled")
+    ap.add_argument("--rank-packs", choices=["same", "distinct"], default="same",
+                    help="DP ranks train the same packs (default: scaling measures the parallel overhead) "
+                         "or each its own (adds the synthetic packs' cost imbalance)")
     ap.add_argument("--layouts", nargs="+", default=None,
                     help="GPUSxTP per torchrun launch, e.g. 1x1 2x1 4x1 2x2 4x4 (default: this process only)")
     ap.add_argument("--tp", type=int, default=1)
