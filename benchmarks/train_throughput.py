@@ -38,11 +38,13 @@ Variant tokens after ``ours``: ``rc-vit`` (full ViT recompute), ``rc-llm`` (full
 LM-head GEMM), ``legacy-gqa`` (repeat K/V heads before flash), ``legacy-rope`` (megatron's THD
 RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-norm/clip loops
 instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
-buffers), ``overlap`` (overlap grad reduce-scatter and param all-gather with compute; ``overlap-grad``: only
-the reduce-scatter),
+buffers), ``overlap`` (also overlap the param all-gather with the forward; ``no-overlap-grad``: the grad
+reduce-scatter after the backward instead of during it, the default before the fourth session),
 ``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed attention
 on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam`` (megatron's per-parameter AdamW step,
-clip and param copy instead of the flat fused one). On both sides ``mbN`` accumulates gradients
+clip and param copy instead of the flat fused one), ``no-bias-gemm`` (qkv/connector biases added after the
+GEMM, megatron's way), ``rope-per-call`` (RoPE cos/sin recomputed in every call, the third session's
+code). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -95,7 +97,7 @@ class Variant:
     offload_vit: bool = False
     grad_bf16: bool = False
     overlap: bool = False
-    overlap_grad: bool = False  # only the grad reduce-scatter overlapped with the backward
+    overlap_grad: bool = True  # the grad reduce-scatter overlapped with the backward (the trainer's default)
     sp: bool = False
     vit_fusion: Optional[bool] = None  # None: the model's default (fused bias-GELU / bias-add on GPUs)
     llm_bda_fusion: Optional[bool] = None  # None: the model's default (unfused residual add: no biases)
@@ -120,7 +122,7 @@ OURS_TOKENS = {
     "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
     "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
-    "overlap-grad": ("overlap_grad", True),
+    "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
     "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
 }

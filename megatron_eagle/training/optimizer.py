@@ -24,7 +24,7 @@ class OptimConfig:
     warmup_fraction: float = 0.03
     decay_style: str = "cosine"
     use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = True  # GPUs only (wrap_ddp): grad reduce-scatter during the backward
     overlap_param_gather: bool = False
     # torch's fused (single-kernel) AdamW instead of its multi-tensor foreach path, where the
     # master params live on CUDA (megatron falls back to torch.optim.AdamW without apex/TE).

@@ -32,6 +32,9 @@ class OptimSection:
     # one fused AdamW + clip + bf16-param pass per DDP bucket shard (training/flat_adamw.py); false:
     # megatron's per-parameter step (same arithmetic, ~1.6x the optimizer's memory traffic)
     flat_adamw: bool = True
+    # GPUs: each DDP bucket's gradient reduce-scatter starts while the backward still runs (megatron
+    # DDP); measured 94% -> 99.5% DP-2 scaling at 8K (BENCHMARKS.md, "Fourth session"). CPU/gloo: off.
+    overlap_grad_reduce: bool = True
 
 
 @dataclass

@@ -110,7 +110,8 @@ class Trainer:
                             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2,
                             adam_eps=cfg.optim.adam_eps, clip_grad=cfg.optim.clip_grad,
                             warmup_fraction=stage.lr.warmup, decay_style=stage.lr.decay,
-                            grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32, flat_adamw=cfg.optim.flat_adamw)
+                            grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32, flat_adamw=cfg.optim.flat_adamw,
+                            overlap_grad_reduce=cfg.optim.overlap_grad_reduce)
         ddp = wrap_ddp(model, optim, bf16)
         ddp.config.finalize_model_grads_func = finalize_model_grads
         ddp.config.no_sync_func = ddp.no_sync  # reduce grads once per step, not per micro-batch
