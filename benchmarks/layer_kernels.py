@@ -220,43 +220,6 @@ def rmsnorm_case(tokens: int, reps: int) -> dict:
                      reps)]
 
 
-def layernorm_backward_sweep(tokens: int, reps: int) -> dict:
-    """The one-pass Triton LayerNorm backward's launch shapes against torch's native backward."""
-    import itertools
-
-    from megatron_eagle.models import fast_layernorm as fl
-
-    dev, n = torch.device("cuda"), 1152
-    g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(tokens, n, device=dev, generator=g).to(torch.bfloat16)
-    dy = torch.randn(tokens, n, device=dev, generator=g).to(torch.bfloat16)
-    w = (1 + 0.1 * torch.randn(n, device=dev, generator=g)).to(torch.bfloat16)
-    b = torch.zeros(n, device=dev, dtype=torch.bfloat16)
-    _, mean, rstd = torch.native_layer_norm(x, (n,), w, b, 1e-6)
-    native = lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [n], mean, rstd, w, b, [True, True, True])  # noqa: E731
-    ref = native()
-    res = {"case": "LayerNorm backward sweep [T,1152]", "native_ms": time_ms(native, reps), "configs": []}
-    print(f"LayerNorm bwd native {res['native_ms']:.3f} ms", flush=True)
-    saved = dict(fl.TUNING)
-    try:
-        for bm, nw, pps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16), (2, 4, 8)):
-            fl.TUNING.update(block_m=bm, num_warps=nw, progs_per_sm=pps)
-            try:
-                got = fl.backward_triton(dy, x, w, mean, rstd)
-                err = max(float((a.float() - r.float()).norm() / r.float().norm()) for a, r in zip(got, ref))
-                ms = time_ms(lambda: fl.backward_triton(dy, x, w, mean, rstd), reps)
-                res["configs"].append(dict(block_m=bm, num_warps=nw, progs_per_sm=pps, ms=ms, rel_err=err))
-            except Exception as e:  # noqa: BLE001 - too many registers etc.
-                res["configs"].append(dict(block_m=bm, num_warps=nw, progs_per_sm=pps, error=str(e)[:120]))
-    finally:
-        fl.TUNING.update(saved)
-    ok = sorted((c for c in res["configs"] if "ms" in c), key=lambda c: c["ms"])
-    for c in ok[:6]:
-        print(f"  block_m {c['block_m']:2d} warps {c['num_warps']:2d} progs/SM {c['progs_per_sm']}: "
-              f"{c['ms']:.3f} ms  rel.err {c['rel_err']:.1e}", flush=True)
-    return res
-
-
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_case(tokens: int, reps: int) -> dict:
@@ -303,7 +266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--cases", nargs="+", default=["bias", "attention", "layernorm", "rmsnorm", "rope"],
-                    choices=["bias", "attention", "layernorm", "ln-sweep", "rmsnorm", "rope"])
+                    choices=["bias", "attention", "layernorm", "rmsnorm", "rope"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a GPU")
@@ -314,7 +277,6 @@ def main(argv=None) -> int:
     run = {"bias": lambda: [bias_gemm_case(args.tiles * 1024, args.reps)],
            "attention": lambda: [vit_attention_case(args.tiles, args.reps)],
            "layernorm": lambda: layernorm_cases(args.tiles * 1024, args.reps),
-           "ln-sweep": lambda: [layernorm_backward_sweep(args.tiles * 1024, args.reps)],
            "rmsnorm": lambda: rmsnorm_case(8192, args.reps), "rope": lambda: [rope_case(8192, args.reps)]}
     for name in args.cases:
         res["cases"] += run[name]()

@@ -29,9 +29,6 @@ except Exception:  # pragma: no cover - depends on the install
 
 ENABLED = True  # benchmarks switch the kernel off to measure against torch's backward
 MAX_N = 8192  # one row of the widest tile must fit the registers of one program
-# Launch shape: rows per tile (None: 8192 // BLOCK_N, at most 16), warps per program (None: 8 for
-# rows of 2048+ lanes, else 4), programs per SM (each walks a contiguous run of tiles).
-TUNING = dict(block_m=None, num_warps=None, progs_per_sm=4)
 _checked: dict = {}  # device index -> whether the kernel agreed with the torch math there
 
 
@@ -83,18 +80,16 @@ def backward_triton(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: to
     """The same on the GPU in one kernel pass (plus a small sum over the per-program partials)."""
     m, n = x.shape
     block_n = triton.next_power_of_2(n)
-    block_m = TUNING["block_m"] or max(1, min(16, 8192 // block_n))
-    num_warps = TUNING["num_warps"] or (8 if block_n >= 2048 else 4)
+    block_m = max(1, min(16, 8192 // block_n))
     tiles = triton.cdiv(m, block_m)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    progs = max(1, min(tiles, TUNING["progs_per_sm"] * sms))
+    progs = max(1, min(tiles, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
     per_prog = triton.cdiv(tiles, progs)
     progs = triton.cdiv(tiles, per_prog)
     dx = torch.empty_like(x)
     part_dw = torch.empty(progs, n, dtype=torch.float32, device=x.device)
     part_db = torch.empty(progs, n, dtype=torch.float32, device=x.device)
     _ln_bwd_kernel[(progs,)](dy, x, w, mean, rstd, dx, part_dw, part_db, m, n, per_prog,
-                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
     return dx, part_dw.sum(0).to(w.dtype), part_db.sum(0).to(w.dtype)
 
 
