@@ -185,16 +185,9 @@ def layernorm_cases(tokens: int, reps: int) -> list:
         x = a + bias + r
         return x, F.layer_norm(x, (c,), w, b, 1e-6)
 
-    def fast_ln(a, r, bias, w, b):
-        from megatron_eagle.models import fast_layernorm
-
-        return fast_layernorm.layer_norm(a, w, b, 1e-6)
-
     comp_ln = torch.compile(ln, dynamic=True)
     comp_add_ln = torch.compile(add_ln, dynamic=True)
-    return [run_case("LayerNorm [T,1152]", make, {"native": ln, "compiled": comp_ln,
-                                                   "one-pass Triton backward (models/fast_layernorm.py)": fast_ln},
-                     reps),
+    return [run_case("LayerNorm [T,1152]", make, {"native": ln, "compiled": comp_ln}, reps),
             run_case("bias+residual+LayerNorm", make, {"native": add_ln, "compiled (fused)": comp_add_ln}, reps)]
 
 

@@ -40,12 +40,11 @@ RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-no
 instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
 buffers), ``overlap`` (also overlap the param all-gather with the forward; ``no-overlap-grad``: the grad
 reduce-scatter after the backward instead of during it, the default before the fourth session),
-``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed
-attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam``
-(megatron's per-parameter AdamW step, clip and param copy instead of the flat fused one),
-``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
-(RoPE cos/sin recomputed in every call, the third session's code), ``no-fast-ln`` (torch's
-LayerNorm backward instead of the one-pass Triton kernel). On both sides ``mbN`` accumulates gradients
+``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed attention
+on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam`` (megatron's per-parameter AdamW step,
+clip and param copy instead of the flat fused one), ``no-bias-gemm`` (qkv/connector biases added after the
+GEMM, megatron's way), ``rope-per-call`` (RoPE cos/sin recomputed in every call, the third session's
+code). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -107,7 +106,6 @@ class Variant:
     wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
     flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
     bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
-    fast_ln: bool = True  # LayerNorm backward in one Triton pass (models/fast_layernorm.py)
     rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
@@ -126,7 +124,6 @@ OURS_TOKENS = {
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "no-fast-ln": ("fast_ln", False),
     "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
@@ -335,7 +332,7 @@ class OursSide:
         from megatron.core.models.common.embeddings import rope_utils
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-        from megatron_eagle.models import attention, connector, fast_layernorm, loss, rope, specs
+        from megatron_eagle.models import attention, connector, loss, rope, specs
         from megatron_eagle.models.eagle import build_model
         from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, use_foreach_multi_tensor, wrap_ddp
 
@@ -373,8 +370,6 @@ class OursSide:
             self._patch(attention, "GQA_NATIVE", False)
         if not v.fused_rope:
             self._patch(rope, "FUSED", False)
-        if not v.fast_ln:
-            self._patch(fast_layernorm, "ENABLED", False)
         if v.rope_per_call:
             self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,

@@ -10,15 +10,12 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_eagle.models.fast_layernorm import FastLayerNorm
-
 
 class Norm:
     """Factory with the signature megatron's specs expect; returns a torch norm module."""
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
-        # FastLayerNorm: torch's LayerNorm with a one-pass Triton backward on GPUs (same parameters)
-        kind = {"LayerNorm": FastLayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        kind = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
         norm = kind(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
