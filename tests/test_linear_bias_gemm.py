@@ -14,7 +14,7 @@ def _case(rank, world, tp):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     from megatron_eagle.config import ParallelConfig
-    from megatron_eagle.models import specs
+    from megatron_eagle.models import connector, specs
     from megatron_eagle.models.eagle import EagleModel
     from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
     from megatron_eagle.runtime.distributed import init_model_parallel
@@ -26,12 +26,14 @@ def _case(rank, world, tp):
     batch = mixed_pack(cfg, pad_to_multiple=tp)
     out = {}
     for fused in (False, True):
-        specs.BiasInGemmColumnParallelLinear = BiasInGemmColumnParallelLinear if fused else ColumnParallelLinear
+        for mod in (specs, connector):  # the layers' qkv and the connector's fc1
+            mod.BiasInGemmColumnParallelLinear = BiasInGemmColumnParallelLinear if fused else ColumnParallelLinear
         try:
             torch.manual_seed(0)
             model = EagleModel(cfg, ParallelConfig(tp=tp, sp=tp > 1))
         finally:
-            specs.BiasInGemmColumnParallelLinear = BiasInGemmColumnParallelLinear
+            for mod in (specs, connector):
+                mod.BiasInGemmColumnParallelLinear = BiasInGemmColumnParallelLinear
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # megatron zero-initialises biases: make them matter
             for p in model.parameters():
@@ -52,5 +54,6 @@ def test_bias_in_gemm_equals_megatron_linear(tp):
         assert n0 == 0 and n1 > 0  # the fused class is in use, on linears that have a bias
         assert abs(l1 - l0) <= 1e-5 * abs(l0), (l0, l1)
         assert g0.keys() == g1.keys() and any("linear_qkv.bias" in k for k in g1)
+        assert any("connector.fc1.bias" in k for k in g1)
         for k in g0:
             torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
