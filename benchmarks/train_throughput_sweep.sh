@@ -6,6 +6,10 @@
 #                                                        # (mbN), a kernel profile (VARIANTS_8K, VARIANTS_32K override)
 #   benchmarks/train_throughput_sweep.sh scale OUTDIR    # 4 GPUs, today's defaults: eagle2.5-8b at 32K on 4 ranks,
 #                                                        # then DP 1/2/4 at 8K (MEM_CAP=79.18 on H200s: an H100's memory)
+#   benchmarks/train_throughput_sweep.sh kernels OUTDIR  # 1 GPU, 8K: sub-layer kernel candidates, then the step's
+#                                                        # GPU kernel time with and without the fourth session's changes
+#   benchmarks/train_throughput_sweep.sh dp2 OUTDIR      # 2 GPUs, 8K: 1 GPU vs DP 2 (reduce-scatter overlapped or
+#                                                        # not, bf16 grads) vs TP 2 + SP, the same packs on both ranks
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
 # are skipped once the script has run LIMIT seconds (the device tool's 10-minute command limit).
 set -uo pipefail
@@ -55,5 +59,17 @@ elif [ "$mode" = scale ]; then
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 1x1 2x1 4x1 $CAP \
      --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) --md-out "$out/tdp.md" --variants ours+rc-vit \
      2>&1 | tee "$out/logdp.txt"
+elif [ "$mode" = kernels ]; then
+  python3 benchmarks/layer_kernels.py --out "$out/layer_kernels.json" 2>&1 | tee "$out/layer_kernels.txt"
+  BENCH_PROFILE_CPU=1 $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 30 )) --md-out "$out/t8k.md" --variants \
+     ours+prof ours+no-bias-gemm+rope-per-call+prof ours ours+no-bias-gemm+rope-per-call ours+mb4 hf+gc \
+     2>&1 | tee "$out/log8k.txt"
+elif [ "$mode" = dp2 ]; then
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 1x1 2x1 \
+     --md-out "$out/tdp.md" --variants ours ours+no-overlap-grad ours+grad-bf16 2>&1 | tee "$out/logdp.txt"
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 2x2 \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) --md-out "$out/ttp.md" --variants ours+sp \
+     2>&1 | tee "$out/logtp.txt"
 fi
 echo "sweep done after ${SECONDS}s"
