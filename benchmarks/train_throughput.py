@@ -596,7 +596,9 @@ def profile_step(side, group: list, top: int = 60) -> dict:
         wall_ms = (time.perf_counter() - t0) * 1e3
     kernels = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        # with host ops recorded, GPU-side user annotations (inductor's "## Call CompiledFxGraph ..")
+        # come as CUDA events too: they span kernels already counted
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):
             kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
     cats: dict[str, float] = {}
     for name, ms in kernels.items():
@@ -877,12 +879,13 @@ def append_json(path: Path, records: list[dict]) -> None:
 
 def markdown(results: list[dict]) -> str:
     """One row per result; with several layouts, scaling efficiency = tokens/s per GPU over the
-    same variant's on one GPU."""
+    same variant's on one GPU. ``prof`` variants add the profiled step's GPU kernel time."""
     single = {(r["seq_len"], r["variant"]): r for r in results
               if r.get("world", 1) == 1 and r["status"] == "ok"}
     lines = ["| variant | GPUs x TP | seq | status | tokens/s | tokens/s/GPU | scaling eff. | MFU (989) | "
-             "MFU (measured peak) | peak GiB | step ms | ViT f/b | LLM f/b | loss f/b | optim | other |",
-             "|" + "---|" * 16]
+             "MFU (measured peak) | peak GiB | step ms | ViT f/b | LLM f/b | loss f/b | optim | other | "
+             "GPU kernel ms |",
+             "|" + "---|" * 17]
     f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for r in results:
         ph = r.get("phases_ms") or {}
@@ -897,7 +900,9 @@ def markdown(results: list[dict]) -> str:
             f"{f(100 * r['mfu_measured_peak'], 1) + '%' if ok and r.get('mfu_measured_peak') else '-'} | "
             f"{f(r.get('peak_gib'), 1)} | {f(r['step_s'] * 1e3, 1) if ok else '-'} | "
             f"{f(ph.get('vit_fwd'))}/{f(ph.get('vit_bwd'))} | {f(ph.get('llm_fwd'))}/{f(ph.get('llm_bwd'))} | "
-            f"{f(ph.get('loss_fwd'))}/{f(ph.get('loss_bwd'))} | {f(ph.get('optimizer'))} | {f(ph.get('other'))} |")
+            f"{f(ph.get('loss_fwd'))}/{f(ph.get('loss_bwd'))} | {f(ph.get('optimizer'))} | {f(ph.get('other'))} | "
+            # GPU time of the profiled step (``prof``): unlike wall time, not moved by host stalls
+            f"{f((r.get('kernels') or {}).get('total_ms'), 1)} |")
     return "\n".join(lines) + "\n"
 
 
