@@ -209,8 +209,8 @@ def rmsnorm_case(tokens: int, reps: int) -> dict:
         return y, F.rms_norm(y, (c,), w, 1e-6)
 
     return [run_case("RMSNorm [8K,1536]", make, {"native": rms, "compiled": torch.compile(rms, dynamic=True)}, reps),
-            run_case("residual+RMSNorm", make, {"native": add_rms, "compiled (fused)": torch.compile(add_rms, dynamic=True)},
-                     reps)]
+            run_case("residual+RMSNorm", make,
+                     {"native": add_rms, "compiled (fused)": torch.compile(add_rms, dynamic=True)}, reps)]
 
 
 # ----------------------------------------------------------------------------- RoPE

@@ -40,11 +40,11 @@ RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-no
 instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
 buffers), ``overlap`` (also overlap the param all-gather with the forward; ``no-overlap-grad``: the grad
 reduce-scatter after the backward instead of during it, the default before the fourth session),
-``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed attention
-on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam`` (megatron's per-parameter AdamW step,
-clip and param copy instead of the flat fused one), ``no-bias-gemm`` (qkv/connector biases added after the
-GEMM, megatron's way), ``rope-per-call`` (RoPE cos/sin recomputed in every call, the third session's
-code). On both sides ``mbN`` accumulates gradients
+``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed
+attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam``
+(megatron's per-parameter AdamW step, clip and param copy instead of the flat fused one),
+``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
+(RoPE cos/sin recomputed in every call, the third session's code). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -124,7 +124,8 @@ OURS_TOKENS = {
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
+    "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"),
+    "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
 
@@ -618,7 +619,8 @@ def profile_step(side, group: list, top: int = 60) -> dict:
         ops_top = [(a.key[:80], str(a.input_shapes)[:200], round(a.self_device_time_total / 1e3, 2), a.count)
                    for a in ops[:60]]
     # busy < 1: the GPU waited for the host (launch overhead, syncs) for part of the step
-    return dict(host_top=host_top, ops_top=ops_top, total_ms=sum(kernels.values()), wall_ms=wall_ms, busy=sum(kernels.values()) / wall_ms,
+    return dict(host_top=host_top, ops_top=ops_top, total_ms=sum(kernels.values()), wall_ms=wall_ms,
+                busy=sum(kernels.values()) / wall_ms,
                 categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                 top=[(n[:160], round(ms, 2)) for n, ms in ranked])
 
