@@ -908,6 +908,24 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_table(results: list[dict]) -> str:
+    """Per (layout, seq, variant) over its repeated runs: median, min and max tokens/s, median MFU
+    and, for profiled variants, the median GPU kernel time."""
+    groups: dict = {}
+    for r in results:
+        if r["status"] == "ok":
+            groups.setdefault((r.get("world", 1), r.get("tp", 1), r["seq_len"], r["variant"]), []).append(r)
+    lines = ["| variant | GPUs x TP | seq | runs | median tokens/s | min-max | median MFU | median GPU kernel ms |",
+             "|" + "---|" * 8]
+    for (world, tp, seq, variant), rs in groups.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        kern = [r["kernels"]["total_ms"] for r in rs if r.get("kernels")]
+        lines.append(f"| {variant} | {world}x{tp} | {seq} | {len(rs)} | {statistics.median(tps):.0f} | "
+                     f"{min(tps):.0f}-{max(tps):.0f} | {100 * statistics.median(r['mfu'] for r in rs):.1f}% | "
+                     f"{f'{statistics.median(kern):.1f}' if kern else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="eagle2.5-2b")
@@ -932,10 +950,14 @@ def main(argv=None) -> int:
     ap.add_argument("--raw-out", type=Path, default=None, help="append per-variant results to this JSON list")
     ap.add_argument("--md-out", type=Path, default=None, help="write a markdown table")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the variant list this many times, round robin, and add a table of medians: "
+                         "host stalls move single runs by several percent on shared hosts")
     ap.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for v in args.variants:
         parse_variant(v)
+    args.variants = [v for _ in range(max(1, args.repeat)) for v in args.variants]
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     if args.layouts:
@@ -963,14 +985,15 @@ def main(argv=None) -> int:
         if args.worker_out is not None:
             return 0
 
-    print(markdown(results), flush=True)
+    table = markdown(results) + (("\n" + median_table(results)) if args.repeat > 1 else "")
+    print(table, flush=True)
     if args.raw_out:
         append_json(args.raw_out, [dict(r, date=args.date, command=command) for r in results])
     if args.out:
         append_json(args.out, pair_runs(results, args.date, command))
     if args.md_out:
         args.md_out.parent.mkdir(parents=True, exist_ok=True)
-        args.md_out.write_text(markdown(results))
+        args.md_out.write_text(table)
     return 0
 
 

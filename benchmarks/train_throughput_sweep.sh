@@ -61,7 +61,7 @@ elif [ "$mode" = scale ]; then
      2>&1 | tee "$out/logdp.txt"
 elif [ "$mode" = kernels ]; then
   python3 benchmarks/layer_kernels.py --out "$out/layer_kernels.json" 2>&1 | tee "$out/layer_kernels.txt"
-  BENCH_PROFILE_CPU=1 $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 \
+  BENCH_PROFILE_CPU=1 $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --repeat ${REPEAT:-1} \
      --time-budget-s $(( ${LIMIT:-560} - SECONDS - 30 )) --md-out "$out/t8k.md" --variants \
      ours+prof ours+no-bias-gemm+rope-per-call+prof ours ours+no-bias-gemm+rope-per-call ours+mb4 hf+gc \
      2>&1 | tee "$out/log8k.txt"

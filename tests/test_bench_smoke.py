@@ -43,6 +43,22 @@ def test_benchmark_smoke_tiny(tmp_path):
         assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]
 
 
+def _bench_repeat(rank, world, tmp):
+    from benchmarks.train_throughput import main
+
+    main(["--preset", "tiny", "--seq-len", "128", "--steps", "1", "--warmup", "0", "--packs", "1", "--repeat", "2",
+          "--variants", "ours", "ours+no-bias-gemm", "--raw-out", f"{tmp}/raw.json", "--md-out", f"{tmp}/t.md"])
+    return [r["variant"] for r in json.loads(open(f"{tmp}/raw.json").read())], open(f"{tmp}/t.md").read()
+
+
+def test_benchmark_repeat_runs_round_robin_and_reports_medians(tmp_path):
+    variants, md = run_distributed(_bench_repeat, 1, str(tmp_path), timeout=240)[0]
+    assert variants == ["ours", "ours+no-bias-gemm", "ours", "ours+no-bias-gemm"]
+    rows = [line for line in md.splitlines() if line.startswith("| ours")]
+    medians = [line for line in rows if line.count("|") == 9]  # the median table's 8 columns
+    assert len(rows) == 6 and len(medians) == 2 and all("| 2 |" in line for line in medians), md
+
+
 def test_make_pack_is_exact_and_consistent():
     from benchmarks.train_throughput import make_pack
     from megatron_eagle.config import preset_model_config
