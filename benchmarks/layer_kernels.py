@@ -166,17 +166,18 @@ def bias_gemm_case(tokens: int, reps: int) -> dict:
 
 # ----------------------------------------------------------------------------- norms
 
-def layernorm_cases(tokens: int, reps: int) -> list:
-    c, dev = 1152, torch.device("cuda")
+def _seeded_leaves(*shapes) -> tuple:
+    """bf16 CUDA tensors requiring grad, the same values on every call (candidates see equal inputs)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    return tuple(torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+                 for s in shapes)
 
-    def make():
-        g = torch.Generator(dev).manual_seed(0)
-        a = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        r = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        bias = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        w = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        b = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        return a, r, bias, w, b
+
+def layernorm_cases(tokens: int, reps: int) -> list:
+    c = 1152
+
+    def make():  # a, residual, bias, weight, LayerNorm bias
+        return _seeded_leaves((tokens, c), (tokens, c), (c,), (c,), (c,))
 
     def ln(a, r, bias, w, b):
         return F.layer_norm(a, (c,), w, b, 1e-6)
@@ -192,14 +193,10 @@ def layernorm_cases(tokens: int, reps: int) -> list:
 
 
 def rmsnorm_case(tokens: int, reps: int) -> dict:
-    c, dev = 1536, torch.device("cuda")
+    c = 1536
 
-    def make():
-        g = torch.Generator(dev).manual_seed(0)
-        x = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        r = torch.randn(tokens, c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        w = torch.randn(c, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
-        return x, r, w
+    def make():  # x, residual, weight
+        return _seeded_leaves((tokens, c), (tokens, c), (c,))
 
     def rms(x, r, w):
         return F.rms_norm(x, (c,), w, 1e-6)

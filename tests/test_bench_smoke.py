@@ -170,7 +170,7 @@ def _chunk_ce_cases(rank, world):
 
 def _rope_cases():
     """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1): the
-    eager path, and the fused path's math (cos/sin once per pack, shared by calls) run on CPU."""
+    cos/sin-once path (twice: the second call reads the cache) and, with FUSED off, megatron's ops."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -188,13 +188,13 @@ def _rope_cases():
                 for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
                     freqs = emb(max_len, packed_seq=True)
                     want = rope._ORIGINAL(t, cu, freqs, cp_group=cp)
-                    cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
-                    rope.FUSED_ON_CPU = True
+                    for _ in range(2):
+                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                    rope.FUSED = False
                     try:
-                        for _ in range(2):  # the second call reads the cached cos/sin
-                            cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
                     finally:
-                        rope.FUSED_ON_CPU = False
+                        rope.FUSED = True
     pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
     return cases, pos.tolist()
 

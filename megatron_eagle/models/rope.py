@@ -5,10 +5,10 @@ transformer-engine) reads the sub-sample lengths with ``.tolist()`` and loops ov
 Python: two device-to-host syncs per layer (query and key) in every forward. Without context
 parallelism the positions are just ``t - cu_seqlens[segment(t)]``, which the GPU computes; the
 rotation itself is megatron's own ``_apply_rotary_pos_emb_bshd``, so the results are identical.
-On GPUs the same rotation runs as one ``torch.compile``'d kernel per call (rotate-half and
-multiply-add, and its backward, fused; ``FUSED = False`` restores megatron's eager ops), with the
-packed cos/sin gathered and computed once per pack and shared by every layer's query and key
-(megatron rounds them to the activation dtype too). With CP > 1 megatron's function runs unchanged.
+The packed cos/sin are gathered and computed once per pack and shared by every layer's query and
+key (rounded to the activation dtype, as megatron does); on GPUs the rotation runs as one
+``torch.compile``'d kernel per call (rotate-half and multiply-add, and its backward, fused), on CPUs
+as the same expression eagerly. ``FUSED = False`` restores megatron's eager ops. With CP > 1 megatron's function runs unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from megatron.core.models.common.embeddings import rope_utils
 
 _ORIGINAL = rope_utils._apply_rotary_pos_emb_thd
 FUSED = True  # compile the rotation on CUDA tensors
-FUSED_ON_CPU = False  # tests: run the fused path's math (uncompiled) on CPU tensors
 _compiled = None
 _cos_sin_cache: list = []  # [(freqs, cu_seqlens, key, cos, sin)]: the pack in flight (one entry)
 
@@ -41,7 +40,7 @@ def packed_cos_sin(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int, dt
     query of the first layer pays the gather and the transcendentals. The cache holds one entry
     and compares tensors by identity and version, so a new pack (or an in-place change) misses.
     """
-    key = (freqs._version, cu_seqlens._version, total, dtype, float(mscale), freqs.device)
+    key = (freqs._version, cu_seqlens._version, total, dtype, float(mscale))
     if _cos_sin_cache:
         f, cu, k, cos, sin = _cos_sin_cache[0]
         if f is freqs and cu is cu_seqlens and k == key:
@@ -66,11 +65,10 @@ def _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False, mu
     if cp_group is None or cp_group.size() != 1:
         return _ORIGINAL(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
                          multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
-    on_device = t.is_cuda or FUSED_ON_CPU
-    if FUSED and on_device and not rotary_interleaved and not multi_latent_attention and t.dim() == 3:
+    if FUSED and not rotary_interleaved and not multi_latent_attention and t.dim() == 3:
         global _compiled
         cos, sin = packed_cos_sin(freqs, cu_seqlens, t.size(0), t.dtype, mscale)
-        if not t.is_cuda:
+        if not t.is_cuda:  # the same expression, eagerly (equal to megatron's op for op)
             return rotate_cos_sin(t, cos, sin)
         if _compiled is None:
             _compiled = torch.compile(rotate_cos_sin, dynamic=True)  # pack lengths vary: one graph for all
