@@ -8,6 +8,9 @@ input gradients against today's:
 - ViT attention (25 tiles x 1024 patches, 16 heads x 72): q/k/v split from megatron's fused qkv
   projection, through SDPA with each backend, with the head dim zero-padded to 80/96/128 (the
   kernels for 128 run about 2.4x faster backward than for 72), and through cuDNN frontend graphs;
+- the same through cuDNN graphs on megatron's strided layouts with the copy-free qkv split (what the
+  model runs now: no output permute, no dq/dk/dv concatenation);
+- bias-gradient column sums (the linears' ``grad.sum(0)``, the compiled bias-add backward, a GEMV);
 - the ViT's qkv projection with its bias added after the GEMM or in its epilogue (``addmm``);
 - LayerNorm [25.6K, 1152] and the residual add before it, native vs torch.compile'd (fused);
 - RMSNorm [8192, 1536], native vs compiled;
@@ -136,7 +139,15 @@ def vit_attention_case(tiles: int, reps: int) -> dict:
         o = cudnn_packed_attention(q, k, v, cu, False, scale)
         return o.view(tiles, s, h * d).transpose(0, 1)
 
-    impls = {"sdpa (auto, today)": sdpa(), "sdpa cudnn": sdpa("CUDNN_ATTENTION"),
+    def strided_cudnn(qkv):  # the model's path now: copy-free split, cuDNN on megatron's strides
+        from megatron_eagle.models.cudnn_sbhd_attention import cudnn_sbhd_attention
+        from megatron_eagle.models.qkv_split import split_along_dim
+
+        q, k, v = split_along_dim(qkv, 3, [d, d, d])
+        return cudnn_sbhd_attention(q, k, v, False, scale).reshape(s, tiles, h * d)
+
+    impls = {"sdpa (auto, before)": sdpa(), "cudnn strided, copy-free split (model)": strided_cudnn,
+             "sdpa cudnn": sdpa("CUDNN_ATTENTION"),
              "sdpa flash": sdpa("FLASH_ATTENTION"), "sdpa efficient": sdpa("EFFICIENT_ATTENTION"),
              "sdpa cudnn pad 80": sdpa("CUDNN_ATTENTION", 80), "sdpa cudnn pad 96": sdpa("CUDNN_ATTENTION", 96),
              "sdpa cudnn pad 128": sdpa("CUDNN_ATTENTION", 128), "sdpa flash pad 96": sdpa("FLASH_ATTENTION", 96),
@@ -162,6 +173,30 @@ def bias_gemm_case(tokens: int, reps: int) -> dict:
     return run_case("qkv linear + bias [T,1152]", make,
                     {"matmul, then + bias": lambda x, w, b: x @ w.t() + b,
                      "addmm (bias in the GEMM)": lambda x, w, b: torch.addmm(b, x, w.t())}, reps)
+
+
+# ----------------------------------------------------------------------------- bias gradients
+
+def colsum_cases(tokens: int, reps: int) -> list:
+    """Bias gradients: column sums of a bf16 [T, N] gradient, as megatron's linear (``sum(0)``) and the
+    compiled bias-add backward compute them, against a GEMV with a ones vector (fp32 accumulate)."""
+    compiled = torch.compile(lambda g: g.sum(0))
+    out = []
+    for n in (1152, 3456, 4304):
+        g = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+        ones = torch.ones(tokens, device="cuda", dtype=torch.bfloat16)
+        ref = g.float().sum(0)
+        impls = {"sum(0) (linear backward)": lambda: g.sum(0), "compiled sum (bias-add backward)": lambda: compiled(g),
+                 "GEMV g.t() @ ones": lambda: g.t() @ ones, "sum(0, fp32 out)": lambda: g.sum(0, dtype=torch.float32)}
+        row = {"case": f"bias grad colsum [{tokens},{n}]", "gbytes": g.numel() * 2 / 1e9, "impls": {}}
+        for label, fn in impls.items():
+            res = fn().float()
+            ms = time_ms(fn, reps)
+            row["impls"][label] = {"ms": ms, "GB/s": row["gbytes"] / ms * 1e3,
+                                   "max_rel_err": ((res - ref).abs().max() / ref.abs().max()).item(), "status": "ok"}
+            print(f"{row['case']:28s} {label:34s} {ms:7.4f} ms  {row['gbytes'] / ms * 1e3:6.0f} GB/s", flush=True)
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- norms
@@ -255,8 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", type=int, default=25)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--cases", nargs="+", default=["bias", "attention", "layernorm", "rmsnorm", "rope"],
-                    choices=["bias", "attention", "layernorm", "rmsnorm", "rope"])
+    ap.add_argument("--cases", nargs="+", default=["bias", "attention", "layernorm", "rmsnorm", "rope", "colsum"],
+                    choices=["bias", "attention", "layernorm", "rmsnorm", "rope", "colsum"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a GPU")
@@ -267,7 +302,8 @@ def main(argv=None) -> int:
     run = {"bias": lambda: [bias_gemm_case(args.tiles * 1024, args.reps)],
            "attention": lambda: [vit_attention_case(args.tiles, args.reps)],
            "layernorm": lambda: layernorm_cases(args.tiles * 1024, args.reps),
-           "rmsnorm": lambda: rmsnorm_case(8192, args.reps), "rope": lambda: [rope_case(8192, args.reps)]}
+           "rmsnorm": lambda: rmsnorm_case(8192, args.reps), "rope": lambda: [rope_case(8192, args.reps)],
+           "colsum": lambda: colsum_cases(args.tiles * 1024, args.reps)}
     for name in args.cases:
         res["cases"] += run[name]()
     if args.out:

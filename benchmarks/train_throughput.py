@@ -44,7 +44,8 @@ reduce-scatter after the backward instead of during it, the default before the f
 attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam``
 (megatron's per-parameter AdamW step, clip and param copy instead of the flat fused one),
 ``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
-(RoPE cos/sin recomputed in every call, the third session's code). On both sides ``mbN`` accumulates gradients
+(RoPE cos/sin recomputed in every call, the third session's code), ``vit-sdpa`` (the ViT's attention
+through SDPA after megatron's ``torch.split``: copies around the kernel, the fourth session's code). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -107,6 +108,7 @@ class Variant:
     flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
     bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
     rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
+    vit_sdpa: bool = False  # the ViT's attention through SDPA after torch.split (before the fifth session)
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
@@ -124,7 +126,7 @@ OURS_TOKENS = {
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "rope-per-call": ("rope_per_call", True), "cudnn-attn": ("attention", "cudnn"),
+    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "cudnn-attn": ("attention", "cudnn"),
     "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
@@ -373,6 +375,11 @@ class OursSide:
             self._patch(rope, "FUSED", False)
         if v.rope_per_call:
             self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
+        if v.vit_sdpa:
+            import megatron.core.transformer.attention as megatron_attention
+
+            self._patch(attention, "SBHD_PREFERS_CUDNN", False)
+            self._patch(megatron_attention, "SplitAlongDim", None)
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
                             wgrad_fusion=v.wgrad_fusion, flat_adamw=v.flat_adam,
                             overlap_grad_reduce=v.overlap or v.overlap_grad, overlap_param_gather=v.overlap)

@@ -57,7 +57,11 @@ _ATEN_FLASH_OK: Optional[bool] = None  # None: untried; False: failed once, use 
 # (+8-9% at 8K and 32K; attention alone 1.6-1.8x, same errors). Where cuDNN cannot run (no
 # cudnn-frontend package, pre-Hopper) "auto" warns once and runs FA2. BENCHMARKS.md, "Third session".
 AUTO_PREFERS_CUDNN = True
+# Whether the [s, b, h, d] path (the ViT's tiles) runs on cuDNN graphs that take megatron's strided
+# layouts (models/cudnn_sbhd_attention.py: no copies around the kernel) before falling back to SDPA.
+SBHD_PREFERS_CUDNN = True
 _CUDNN_WARNED = False
+_SBHD_WARNED = False
 
 
 def _flash_device(t: torch.Tensor) -> bool:
@@ -120,6 +124,21 @@ def packed_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return None
 
 
+def sbhd_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               scale: float) -> Optional[torch.Tensor]:
+    """[s, b, h, d] attention on cuDNN with strided layouts, or None where it cannot run (warns once)."""
+    global _SBHD_WARNED
+    from megatron_eagle.models import cudnn_attention, cudnn_sbhd_attention
+
+    try:
+        return cudnn_sbhd_attention.cudnn_sbhd_attention(q, k, v, causal, scale)
+    except cudnn_attention.CudnnUnsupported as e:
+        if not _SBHD_WARNED and q.is_cuda:
+            _SBHD_WARNED = True
+            warnings.warn(f"cuDNN [s, b, h, d] attention unavailable ({e}); using scaled_dot_product_attention")
+    return None
+
+
 class PackedCoreAttention(MegatronModule):
     """Core attention with the constructor/forward contract of megatron's DotProductAttention."""
 
@@ -177,8 +196,13 @@ class PackedCoreAttention(MegatronModule):
             if out is None:
                 out = segment_sdpa(query, key, value, cu, causal, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
-        # SBHD: [s, b, h, d] -> SDPA on [b, h, s, d]
         s, b = query.shape[:2]
+        if (query.is_cuda and SBHD_PREFERS_CUDNN and self.backend in ("auto", "cudnn")
+                and (attention_mask is None or causal)):
+            out = sbhd_cudnn(query, key, value, causal, self.softmax_scale)
+            if out is not None:
+                return out.reshape(s, b, -1)
+        # SBHD: [s, b, h, d] -> SDPA on [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask if not causal else None,
                                            is_causal=causal, scale=self.softmax_scale,

@@ -247,7 +247,8 @@ def _build(key: tuple, device: torch.device) -> _Graph:
     return _Graph(graph=g, t=t, workspace=int(g.get_workspace_size()), uids={n: x.get_uid() for n, x in t.items()})
 
 
-def _graph(key: tuple, device: torch.device) -> _Graph:
+def _graph(key: tuple, device: torch.device, build=None) -> _Graph:
+    """The built graph for ``key`` (``build(key, device)``, default the packed graphs), cached."""
     with _lock:
         entry = _graphs.get(key)
         if entry is not None:
@@ -256,12 +257,11 @@ def _graph(key: tuple, device: torch.device) -> _Graph:
             raise CudnnUnsupported(_unsupported[key])
         t0 = time.perf_counter()
         try:
-            entry = _build(key, device)
+            entry = (build or _build)(key, device)
         except CudnnUnsupported:
             raise
         except Exception as e:  # cudnnGraphNotSupportedError or a frontend error: remember, fall back
-            _unsupported[key] = f"cuDNN {key[0]} graph unsupported for B={key[1]} T={key[2]} hq={key[3]} " \
-                                f"hkv={key[4]} d={key[5]} ({type(e).__name__}: {e})"
+            _unsupported[key] = f"cuDNN graph {key} unsupported ({type(e).__name__}: {e})"
             raise CudnnUnsupported(_unsupported[key]) from e
         STATS["built"] += 1
         STATS["build_s"] += time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import megatron.core.transformer.attention as megatron_attention
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -16,6 +17,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_eagle.models.attention import PackedCoreAttention
 from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
 from megatron_eagle.models.norm import Norm
+from megatron_eagle.models.qkv_split import split_along_dim
+
+# megatron splits the fused qkv with transformer-engine's copy-free SplitAlongDim when TE is
+# installed and with torch.split (a concatenation in the backward) otherwise: fill that gap.
+if megatron_attention.SplitAlongDim is None:
+    megatron_attention.SplitAlongDim = split_along_dim
 
 
 def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
