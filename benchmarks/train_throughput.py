@@ -589,6 +589,29 @@ KERNEL_CATEGORIES = (  # first match wins; names of flash/cuBLAS/CUTLASS/NCCL/to
 )
 
 
+def gpu_idle(prof, top: int = 20, min_us: float = 20.0) -> dict:
+    """Where the GPU waited: gaps between consecutive kernels (merged busy intervals) longer than
+    ``min_us``, in step order buckets of 10% and the largest ones with the kernels around them."""
+    ks = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ")),
+                key=lambda x: x[0])
+    if not ks:
+        return {}
+    t0, gaps, end, prev = ks[0][0], [], ks[0][1], ks[0][2]
+    for a, b, name in ks[1:]:
+        if a - end > min_us:
+            gaps.append(((a - end) / 1e3, (end - t0) / 1e3, prev[:70], name[:70]))
+        if b > end:
+            end, prev = b, name
+    span = (end - t0) / 1e3
+    deciles = [0.0] * 10
+    for g, at, _, _ in gaps:
+        deciles[min(9, int(10 * at / span))] += g
+    return dict(span_ms=span, idle_ms=sum(g[0] for g in gaps), gaps=len(gaps),
+                idle_by_tenth_ms=[round(x, 2) for x in deciles],
+                largest=[(round(g, 3), round(at, 1), p, n) for g, at, p, n in sorted(gaps, key=lambda x: -x[0])[:top]])
+
+
 def profile_step(side, group: list, top: int = 60) -> dict:
     """One step under torch.profiler: GPU time per kernel category and the top kernels (ms)."""
     from torch.profiler import ProfilerActivity, profile
@@ -626,7 +649,7 @@ def profile_step(side, group: list, top: int = 60) -> dict:
         ops_top = [(a.key[:80], str(a.input_shapes)[:200], round(a.self_device_time_total / 1e3, 2), a.count)
                    for a in ops[:60]]
     # busy < 1: the GPU waited for the host (launch overhead, syncs) for part of the step
-    return dict(host_top=host_top, ops_top=ops_top, total_ms=sum(kernels.values()), wall_ms=wall_ms,
+    return dict(host_top=host_top, ops_top=ops_top, idle=gpu_idle(prof), total_ms=sum(kernels.values()), wall_ms=wall_ms,
                 busy=sum(kernels.values()) / wall_ms,
                 categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                 top=[(n[:160], round(ms, 2)) for n, ms in ranked])
@@ -769,6 +792,12 @@ def worker(args) -> list[dict]:
                 log(f"#   kernels {k['total_ms']:.1f} ms: " + ", ".join(f"{c} {ms:.1f}" for c, ms in
                                                               k["categories_ms"].items()))
                 log(f"#   GPU busy {100 * k['busy']:.0f}% of the profiled step's {k['wall_ms']:.0f} ms")
+                idle = k.get("idle") or {}
+                if idle:
+                    log(f"#   GPU idle {idle['idle_ms']:.1f} ms in {idle['gaps']} gaps over {idle['span_ms']:.0f} ms; "
+                        f"by tenth of the step: {idle['idle_by_tenth_ms']}")
+                    for g, at, before, after in idle["largest"][:12]:
+                        log(f"#     gap {g:7.3f} ms at {at:6.1f} ms  after {before[:50]}  before {after[:50]}")
                 for name, ms in k["top"][:12]:
                     log(f"#     {ms:8.2f} ms  {name[:110]}")
                 for name, ms, count in k.get("host_top") or []:
