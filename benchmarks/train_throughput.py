@@ -45,7 +45,8 @@ attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), `
 (megatron's per-parameter AdamW step, clip and param copy instead of the flat fused one),
 ``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
 (RoPE cos/sin recomputed in every call, the third session's code), ``vit-sdpa`` (the ViT's attention
-through SDPA after megatron's ``torch.split``: copies around the kernel, the fourth session's code). On both sides ``mbN`` accumulates gradients
+through SDPA after megatron's ``torch.split``: copies around the kernel, the fourth session's code),
+``loss-sync`` (the losses read before the optimizer's host bookkeeping, which then ran with the GPU idle). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -109,6 +110,7 @@ class Variant:
     bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
     rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
     vit_sdpa: bool = False  # the ViT's attention through SDPA after torch.split (before the fifth session)
+    loss_sync: bool = False  # read the losses before the optimizer's bookkeeping (before the fifth session)
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
@@ -126,7 +128,7 @@ OURS_TOKENS = {
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "cudnn-attn": ("attention", "cudnn"),
+    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "loss-sync": ("loss_sync", True), "cudnn-attn": ("attention", "cudnn"),
     "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
@@ -413,6 +415,8 @@ class OursSide:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = forward_backward(self.ddp, [p.batch for p in group], self.device)
+        if self.v.loss_sync:
+            losses = [float(x) for x in losses]
         self.marks.mark("bwd_end")
         guarded_optimizer_step(self.optimizer, 1.0)
         self.marks.mark("opt_end")

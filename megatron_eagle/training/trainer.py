@@ -33,7 +33,7 @@ from megatron_eagle.training.metrics import MetricsWriter, peak_memory_gib
 from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from megatron_eagle.training.run_config import RunConfig, check_stage_layout
 from megatron_eagle.training.signals import PreemptionFlag
-from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
+from megatron_eagle.training.step import forward_backward, finish_step, prepare_step
 
 log = logging.getLogger("megatron_eagle.train")
 
@@ -244,6 +244,7 @@ class Trainer:
         batches = agree_on_batches(batches, ctx.replica_group, cfg.loss.weighting, ctx.loader.pack_cfg.pad_id)
         ctx.loader.settle(batches)
         losses = forward_backward(ctx.ddp, batches, self.rt.device, poison_loss=poison)
+        found_inf, grad_norm = prepare_step(ctx.optimizer)  # before reading a loss (see prepare_step)
 
         # One all-reduce carries everything every rank must agree on.
         data_rank = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
@@ -258,7 +259,7 @@ class Trainer:
                 tokens += sum(lens)
                 flops += step_flops(ctx.model_cfg, ctx.model_cfg.freeze, lens, pack_tile_count(b),
                                     int((b.labels >= 0).sum()))
-        loss_sum = sum(losses) if (data_rank and last) else 0.0
+        loss_sum = sum(float(x) for x in losses) if (data_rank and last) else 0.0
         n_loss = float(len(losses)) if (data_rank and last) else 0.0
         time_due = self.is_rank0 and (time.time() - self.last_save_time) > cfg.train.save_every_minutes * 60
         vec = torch.tensor([loss_sum, n_loss, tokens, flops, float(self.preempt.requested), float(time_due), wait,
@@ -266,10 +267,12 @@ class Trainer:
         dist.all_reduce(vec)
         loss = vec[0].item() / max(vec[1].item(), 1.0)
 
-        updated, grad_norm = False, float("nan")
+        updated = False
         lr = ctx.optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after)
-        if math.isfinite(loss):
-            updated, grad_norm = guarded_optimizer_step(ctx.optimizer, cfg.optim.clip_grad)
+        if math.isfinite(loss) and not found_inf:
+            updated = finish_step(ctx.optimizer, cfg.optim.clip_grad, grad_norm)
+        elif not math.isfinite(loss):
+            grad_norm = float("nan")
         if updated:
             ctx.scheduler.step(increment=1)
             self.consecutive_skips = 0
