@@ -701,6 +701,10 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
                    phases_ms={k: (statistics.mean([p[k] for p in phases if p[k] is not None])
                                   if any(p[k] is not None for p in phases) else None) for k in phases[0]},
                    losses=losses, build_s=build_s)
+        if isinstance(getattr(side, "params", None), int):  # ours: this rank's parameters, and whether the
+            res["params"] = side.params                        # flat AdamW step is still bound (not fallen back)
+            parts = getattr(side.optimizer, "chained_optimizers", [side.optimizer])
+            res["flat_adamw_active"] = any(getattr(p, "flat_adamw", None) is not None for p in parts)
         if cuda and getattr(getattr(side, "v", None), "profile", False):
             res["kernels"] = profile_step(side, groups[0])
     except torch.OutOfMemoryError as e:
@@ -819,7 +823,8 @@ def summary_line(r: dict) -> str:
     peak = f"{r['peak_gib']:5.1f}" if r.get("peak_gib") is not None else "   - "
     ph = " ".join(f"{k} {v:.0f}" for k, v in (r.get("phases_ms") or {}).items() if v is not None)
     return (f"{head} {r['tokens_per_s']:9.0f} tok/s  mfu {100 * r['mfu']:5.1f}%  peak {peak} GiB  "
-            f"step {r['step_s'] * 1e3:7.1f} ms  {ph}  loss {r['losses'][0]:.3f}")
+            f"step {r['step_s'] * 1e3:7.1f} ms  {ph}  loss {r['losses'][0]:.3f}"
+            + ("" if r.get("flat_adamw_active") is None else f"  flat AdamW {'on' if r['flat_adamw_active'] else 'OFF'}"))
 
 
 def launch(args, n: int, tp: int, seq: int, variants: list[str]) -> list[dict]:
