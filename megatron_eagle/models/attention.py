@@ -13,6 +13,9 @@ and never crosses sub-samples (``cu_seqlens``). Kernels, in order of preference:
   (memory O(max_len²) per segment at worst, never O(total²)).
 With context parallelism (``PackedSeqParams`` carrying a CP layout) the THD path runs the
 configured CP variant of :mod:`megatron_eagle.parallel.cp_attention` instead.
+SBHD (the ViT's batches of tiles): on GPUs with ``backend`` "auto"/"cudnn", cuDNN graphs on megatron's
+strided q/k/v views (:mod:`megatron_eagle.models.cudnn_sbhd_attention`, no copies around the kernel);
+elsewhere, or where those cannot run, ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
