@@ -17,7 +17,7 @@ def _bench(rank, world, out):
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
           "--variants", "hf", "hf+nomask", "ours",
-          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm",
+          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa+loss-sync",
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -25,7 +25,7 @@ def _bench(rank, world, out):
 def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "tt.json"
     runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
-    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm"
+    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa+loss-sync"
     assert [r["ours_variant"] for r in runs] == ["ours", legacy]
     for r in runs:
         for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
@@ -93,6 +93,28 @@ def test_parse_variant():
     for side, table in (("ours", OURS_TOKENS), ("hf", HF_TOKENS)):
         for token, (field, value) in table.items():  # every token sets the field it names
             assert getattr(parse_variant(f"{side}+{token}"), field) == value, token
+
+
+def test_gpu_idle_finds_the_gaps_between_kernels():
+    from types import SimpleNamespace
+
+    from benchmarks.train_throughput import gpu_idle
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, a, b, dev=cuda):  # times in us, as the profiler reports them
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=a, end=b))
+
+    events = [ev("k0", 0, 100), ev("k1", 90, 300),  # overlapping kernels: no gap
+              ev("host op", 300, 5000, cpu),  # host events do not count
+              ev("k2", 310, 400),  # a 10 us gap: under the 20 us threshold
+              ev("## annotation ##", 400, 900), ev("k3", 900, 1000)]  # 500 us gap (annotations skipped)
+    idle = gpu_idle(SimpleNamespace(events=lambda: events))
+    assert idle["gaps"] == 1 and idle["span_ms"] == pytest.approx(1.0)
+    assert idle["idle_ms"] == pytest.approx(0.5)
+    assert idle["largest"][0][:4] == (0.5, 0.4, "k2", "k3")
+    assert idle["idle_by_tenth_ms"][4] == pytest.approx(0.5) and sum(idle["idle_by_tenth_ms"]) == pytest.approx(0.5)
+    assert gpu_idle(SimpleNamespace(events=lambda: [ev("host", 0, 1, cpu)])) == {}
 
 
 # ----------------------------------------------------------------------------- GPU-path pieces on CPU
