@@ -46,7 +46,9 @@ attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), `
 ``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
 (RoPE cos/sin recomputed in every call, the third session's code), ``vit-sdpa`` (the ViT's attention
 through SDPA after megatron's ``torch.split``: copies around the kernel, the fourth session's code),
-``loss-sync`` (the losses read before the optimizer's host bookkeeping, which then ran with the GPU idle). On both sides ``mbN`` accumulates gradients
+``loss-sync`` (the losses read before the optimizer's host bookkeeping, which then ran with the GPU idle),
+``device-counts`` (visual slots and supervised positions counted on the device: a sync at the start
+and end of every micro-batch's forward). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -111,6 +113,7 @@ class Variant:
     rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
     vit_sdpa: bool = False  # the ViT's attention through SDPA after torch.split (before the fifth session)
     loss_sync: bool = False  # read the losses before the optimizer's bookkeeping (before the fifth session)
+    device_counts: bool = False  # slot count and supervised positions read from the device (syncs mid-step)
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
@@ -128,7 +131,8 @@ OURS_TOKENS = {
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "loss-sync": ("loss_sync", True), "cudnn-attn": ("attention", "cudnn"),
+    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "loss-sync": ("loss_sync", True),
+    "device-counts": ("device_counts", True), "cudnn-attn": ("attention", "cudnn"),
     "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
@@ -377,6 +381,10 @@ class OursSide:
             self._patch(rope, "FUSED", False)
         if v.rope_per_call:
             self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
+        if v.device_counts:
+            from megatron_eagle.models import batch as batch_mod
+
+            self._patch(batch_mod.PackedBatch, "host_view", lambda self: None)
         if v.vit_sdpa:
             import megatron.core.transformer.attention as megatron_attention
 

@@ -12,12 +12,16 @@ import torch
 from tests.dist import run_distributed
 
 
+LEGACY = ("ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa"
+          "+loss-sync+device-counts")  # every switch back to an earlier path, in one variant
+
+
 def _bench(rank, world, out):
     from benchmarks.train_throughput import main
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
           "--variants", "hf", "hf+nomask", "ours",
-          "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa+loss-sync",
+          LEGACY,
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -25,8 +29,7 @@ def _bench(rank, world, out):
 def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "tt.json"
     runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
-    legacy = "ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa+loss-sync"
-    assert [r["ours_variant"] for r in runs] == ["ours", legacy]
+    assert [r["ours_variant"] for r in runs] == ["ours", LEGACY]
     for r in runs:
         for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
                     "hf_mfu", "ours_peak_gib", "hf_peak_gib"):
@@ -38,7 +41,7 @@ def test_benchmark_smoke_tiny(tmp_path):
         ph = r["ours_phases_ms"]
         assert all(ph[k] is not None and ph[k] >= 0 for k in ("vit_fwd", "llm_fwd", "llm_bwd", "optimizer"))
         assert abs(sum(v for k, v in ph.items() if k != "total") - ph["total"]) < 1e-6 * max(ph["total"], 1)
-    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", legacy}
+    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", LEGACY}
     for r in raw:  # same packs, random init: every side starts near ln(vocab)
         assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]
 

@@ -90,11 +90,6 @@ class LoaderBatch(PackedBatch):
             return self.row_status
         return torch.zeros(self.num_samples, dtype=torch.int64, device=self.tokens.device)
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
-
-    def to(self, device: torch.device) -> "LoaderBatch":
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def pin_memory(self) -> "LoaderBatch":
         """Page-locked copy (DataLoader ``pin_memory=True`` calls this) for async host-to-device copies."""

@@ -9,7 +9,7 @@ sub-sample's last token, on unsupervised tokens and on padding).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -25,10 +25,27 @@ class PackedBatch:
     cu_seqlens: torch.Tensor    # [n+1] int32, sub-sample boundaries (tail padding is its own segment)
     pixel_values: torch.Tensor  # [n_tiles, 3, S, S] float, tiles in order of their <IMG_CONTEXT> runs
     max_seqlen: int
+    # The host batch this one was copied from (set by ``to``). The model takes data-dependent
+    # counts and indices (visual slots, supervised tokens) from it: reading them from the device
+    # tensors would make the host wait for the GPU in the middle of the step.
+    host: Optional["PackedBatch"] = dataclasses.field(default=None, repr=False, compare=False)
 
-    def to(self, device: torch.device) -> "PackedBatch":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
-                                            for f in dataclasses.fields(self) if f.name != "max_seqlen"})
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
+        """A copy on ``device`` that remembers this batch as its host copy (when this one is on the CPU).
+
+        ``non_blocking``: copies from pageable memory are staged before the call returns, so this
+        batch may be reused at once; the caller does not wait for the GPU's queue to drain."""
+        host = self if self.tokens.device.type == "cpu" else self.host
+        return dataclasses.replace(self, host=host, **{k: v.to(device, non_blocking=non_blocking)
+                                                       for k, v in self._tensors().items()})
+
+    def host_view(self) -> Optional["PackedBatch"]:
+        """The host copy, if it still matches this batch's token layout (None after a CP split)."""
+        h = self.host
+        return h if h is not None and h.tokens.shape == self.tokens.shape else None
 
     @property
     def num_tokens(self) -> int:

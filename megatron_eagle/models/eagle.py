@@ -9,6 +9,8 @@ loss on the last; ``set_input_tensor`` feeds the middle stages.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
@@ -85,11 +87,14 @@ class EagleModel(MegatronModule):
         feats = pixel_shuffle(feats.reshape(n, g, g, c), self.model_cfg.downsample_ratio)
         return self.connector(feats.reshape(-1, feats.shape[-1]))
 
-    def embed(self, tokens: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with visual tokens in the <IMG_CONTEXT> slots: [T, 1, H] (SP-scattered)."""
+    def embed(self, tokens: torch.Tensor, pixel_values: torch.Tensor,
+              host_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Text embeddings with visual tokens in the <IMG_CONTEXT> slots: [T, 1, H] (SP-scattered).
+        ``host_tokens``: the same tokens on the CPU, to count the slots without a device sync."""
         emb = self.language_model.embedding(input_ids=tokens.unsqueeze(0), position_ids=None)  # [T, 1, H]
         slots = tokens == self.model_cfg.image_token_id
-        n_slots = int(slots.sum())
+        n_slots = int((host_tokens == self.model_cfg.image_token_id).sum() if host_tokens is not None
+                      else slots.sum())
         if pixel_values.shape[0] or n_slots:
             vis = self.encode_images(pixel_values) if pixel_values.shape[0] else emb.new_zeros(0, emb.shape[-1])
             if vis.shape[0] != n_slots:
@@ -108,7 +113,9 @@ class EagleModel(MegatronModule):
         the activations for the next stage elsewhere."""
         if self.cp_ctx is not None:
             return cp_forward(self, batch, return_hidden)
-        decoder_input = self.embed(batch.tokens, batch.pixel_values) if self.pre_process else None
+        host = batch.host_view()  # data-dependent counts from the CPU copy: no device syncs mid-step
+        decoder_input = self.embed(batch.tokens, batch.pixel_values, host.tokens if host is not None else None) \
+            if self.pre_process else None
         rotary = self.language_model.rotary_pos_emb(batch.max_seqlen, packed_seq=True)
         hidden = self.language_model.decoder(hidden_states=decoder_input, attention_mask=None,
                                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params(batch))
@@ -117,8 +124,11 @@ class EagleModel(MegatronModule):
         hidden = self._full_sequence(hidden).squeeze(1)
         if return_hidden:
             return hidden
+        supervised = None
+        if host is not None:
+            supervised = (host.labels >= 0).nonzero(as_tuple=True)[0].to(hidden.device, non_blocking=True)
         return chunked_weighted_ce(hidden, self.output_weight(), batch.labels, batch.loss_weights,
-                                   self.chunk_tokens)
+                                   self.chunk_tokens, supervised=supervised)
 
     def _full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
         # Each TP rank projects onto its vocab shard, so d(hidden) must be summed across TP.

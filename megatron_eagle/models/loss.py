@@ -8,6 +8,8 @@ Logits are vocab-parallel under TP and reduced by megatron-core's ``vocab_parall
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core import tensor_parallel
 from torch.utils.checkpoint import checkpoint
@@ -22,13 +24,16 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) 
 
 
 def chunked_weighted_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                        loss_weights: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+                        loss_weights: torch.Tensor, chunk_tokens: int = 2048,
+                        supervised: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Σ_t w_t · CE(h_t Wᵀ, y_t) over supervised tokens.
 
     hidden: [T, H] (full sequence on every TP rank); weight: [V/tp, H] this rank's vocab
-    shard; labels: [T] (-100 = ignore); loss_weights: [T]. Returns a scalar.
+    shard; labels: [T] (-100 = ignore); loss_weights: [T]. ``supervised``: the positions with
+    labels >= 0 if known (from the host copy of the batch: finding them on the device syncs).
+    Returns a scalar.
     """
-    sel = (labels >= 0).nonzero(as_tuple=True)[0]
+    sel = supervised if supervised is not None else (labels >= 0).nonzero(as_tuple=True)[0]
     if sel.numel() == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and grads) defined
     h, y, w = hidden.index_select(0, sel), labels.index_select(0, sel), loss_weights.index_select(0, sel)

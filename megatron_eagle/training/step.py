@@ -23,7 +23,9 @@ def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.de
     from megatron_eagle.data.pack_builder import normalize_pixels
 
     def forward_step(data_iterator, model):
-        batch = normalize_pixels(next(data_iterator).to(device))
+        # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch;
+        # the batch keeps its host copy, from which the model reads counts without device syncs
+        batch = normalize_pixels(next(data_iterator).to(device, non_blocking=True))
         output = model(batch)
 
         def loss_func(loss: torch.Tensor):
