@@ -99,4 +99,5 @@ def test_megatron_uses_the_copy_free_split_and_cpu_attention_takes_sdpa(recwarn)
     with pytest.raises(cudnn_attention.CudnnUnsupported):
         cudnn_sbhd_attention.cudnn_sbhd_attention(q, k, v, False, 0.5)
     assert attention.sbhd_cudnn(q, k, v, False, 0.5) is None
+    assert "empty" in cudnn_sbhd_attention.unusable_reason(*(torch.randn(S, 0, H, D) for _ in range(3)))
     assert not [w for w in recwarn if "cuDNN [s, b, h, d]" in str(w.message)]  # no warning on CPU

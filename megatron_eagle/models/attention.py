@@ -200,7 +200,7 @@ class PackedCoreAttention(MegatronModule):
                 out = segment_sdpa(query, key, value, cu, causal, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
         s, b = query.shape[:2]
-        if (query.is_cuda and SBHD_PREFERS_CUDNN and self.backend in ("auto", "cudnn")
+        if (query.is_cuda and SBHD_PREFERS_CUDNN and self.backend in ("auto", "cudnn") and query.numel()
                 and (attention_mask is None or causal)):
             out = sbhd_cudnn(query, key, value, causal, self.softmax_scale)
             if out is not None:

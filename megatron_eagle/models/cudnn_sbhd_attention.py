@@ -55,6 +55,8 @@ def unusable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Option
     """Why these [s, b, h, d] inputs cannot run here, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"expected [s, b, h, d] inputs, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if 0 in q.shape or 0 in k.shape:
+        return f"empty input {tuple(q.shape)}"
     reason = ca.unusable_reason(q[:, 0], k[:, 0], v[:, 0])  # device, dtype, package, head-count rules
     if reason is not None:
         return reason
