@@ -45,7 +45,8 @@ class _SharedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        dq, dk, dv = cudnn_sbhd_attention._grad_buffers(ctx.q, ctx.k, ctx.v)
+        dq, dk, dv = cudnn_sbhd_attention._grad_buffers(
+            ctx.q, ctx.k, ctx.v, cudnn_sbhd_attention.packed_qkv_base(ctx.q, ctx.k, ctx.v))
         for dst, src in zip((dq, dk, dv), (gq, gk, gv)):
             dst.copy_(src)
         _SharedGrads.seen = dq
@@ -56,7 +57,7 @@ def test_gradients_in_one_buffer_come_back_without_a_copy():
     mixed = _mixed()
     q, k, v = split_along_dim(mixed, 3, [D, D, D])
     assert cudnn_sbhd_attention.packed_qkv_base(q, k, v)
-    assert cudnn_sbhd_attention._grad_layouts(q, k, v) == tuple((tuple(x.shape), x.stride()) for x in (q, k, v))
+    assert cudnn_sbhd_attention._grad_layouts(q, k, v, True) == tuple((tuple(x.shape), x.stride()) for x in (q, k, v))
     outs = _SharedGrads.apply(q, k, v)
     w = [torch.randn_like(t) for t in outs]
     captured = {}
@@ -89,7 +90,7 @@ def test_packed_base_needs_disjoint_equal_strided_slices():
     # separate tensors: contiguous gradient buffers
     sep = [torch.randn(S, B, H, D) for _ in range(3)]
     assert not cudnn_sbhd_attention.packed_qkv_base(*sep)
-    assert all(x.is_contiguous() for x in cudnn_sbhd_attention._grad_buffers(*sep))
+    assert all(x.is_contiguous() for x in cudnn_sbhd_attention._grad_buffers(*sep, False))
 
 
 def test_megatron_uses_the_copy_free_split_and_cpu_attention_takes_sdpa(recwarn):

@@ -90,7 +90,6 @@ class LoaderBatch(PackedBatch):
             return self.row_status
         return torch.zeros(self.num_samples, dtype=torch.int64, device=self.tokens.device)
 
-
     def pin_memory(self) -> "LoaderBatch":
         """Page-locked copy (DataLoader ``pin_memory=True`` calls this) for async host-to-device copies."""
         return dataclasses.replace(self, **{k: v.pin_memory() for k, v in self._tensors().items()})

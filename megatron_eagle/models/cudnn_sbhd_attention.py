@@ -116,17 +116,17 @@ def _build(key: tuple, device: torch.device) -> ca._Graph:
     return ca._Graph(graph=g, t=t, workspace=int(g.get_workspace_size()), uids={n: x.get_uid() for n, x in t.items()})
 
 
-def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[Layout, ...]:
+def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[Layout, ...]:
     """Layouts of dq, dk, dv: q/k/v's own when they are packed slices of one buffer (see
     :func:`packed_qkv_base`; the gradients then share one buffer too), else contiguous."""
-    if packed_qkv_base(q, k, v):
+    if packed:
         return tuple(_layout(x) for x in (q, k, v))
     return tuple(_contiguous(x.shape) for x in (q, k, v))
 
 
-def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[torch.Tensor, ...]:
     """dq, dk, dv in the layouts of :func:`_grad_layouts` (views of one buffer when packed)."""
-    if packed_qkv_base(q, k, v):
+    if packed:
         base = q.storage_offset()
         span = max(x.storage_offset() - base + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1
                    for x in (q, k, v))
@@ -135,35 +135,35 @@ def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[to
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-def _key(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: tuple) -> tuple:
+def _key(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: tuple, packed: bool) -> tuple:
     """Graph key: every tensor's layout, dtype, scale, causality."""
     layouts = [("q", _layout(q)), ("k", _layout(k)), ("v", _layout(v)),
                ("o", _contiguous(q.shape[:3] + v.shape[3:]))]
     if kind == "sbhd-bwd":
-        layouts += list(zip(("dq", "dk", "dv"), _grad_layouts(q, k, v)))
+        layouts += list(zip(("dq", "dk", "dv"), _grad_layouts(q, k, v, packed)))
     return (kind, tuple(layouts)) + base
 
 
 class _CudnnSBHDAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fwd: ca._Graph, key_base: tuple):
+    def forward(ctx, q, k, v, fwd: ca._Graph, bwd_key: tuple, packed: bool):
         s, b, h, d = q.shape
         out = torch.empty(s, b, h, v.shape[-1], dtype=q.dtype, device=q.device)
         stats = torch.empty(b, h, s, 1, dtype=torch.float32, device=q.device)
         ca._execute(fwd, q.device, {"q": q, "k": k, "v": v, "o": out, "stats": stats})
         ctx.save_for_backward(q, k, v, out, stats)
-        ctx.key_base = key_base
+        ctx.bwd_key, ctx.packed = bwd_key, packed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, stats = ctx.saved_tensors
         dout = dout if dout.stride() == out.stride() else dout.contiguous()
-        dq, dk, dv = _grad_buffers(q, k, v)
-        entry = ca._graph(_key("sbhd-bwd", q, k, v, ctx.key_base), q.device, _build)
+        dq, dk, dv = _grad_buffers(q, k, v, ctx.packed)
+        entry = ca._graph(ctx.bwd_key, q.device, _build)  # built already unless the forward ran without grad
         ca._execute(entry, q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats,
                                       "dq": dq, "dk": dk, "dv": dv})
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def cudnn_sbhd_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -174,8 +174,9 @@ def cudnn_sbhd_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     reason = unusable_reason(q, k, v)
     if reason is not None:
         raise ca.CudnnUnsupported(reason)
-    base = (q.dtype, float(scale), bool(causal))
-    fwd = ca._graph(_key("sbhd-fwd", q, k, v, base), q.device, _build)
+    base, packed = (q.dtype, float(scale), bool(causal)), packed_qkv_base(q, k, v)
+    fwd = ca._graph(_key("sbhd-fwd", q, k, v, base, packed), q.device, _build)
+    bwd_key = _key("sbhd-bwd", q, k, v, base, packed)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        ca._graph(_key("sbhd-bwd", q, k, v, base), q.device, _build)
-    return _CudnnSBHDAttention.apply(q, k, v, fwd, base)
+        ca._graph(bwd_key, q.device, _build)
+    return _CudnnSBHDAttention.apply(q, k, v, fwd, bwd_key, packed)

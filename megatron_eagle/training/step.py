@@ -14,7 +14,7 @@ from megatron_eagle.models.batch import PackedBatch
 
 
 def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.device,
-                     poison_loss: bool = False) -> list[float]:
+                     poison_loss: bool = False) -> list[torch.Tensor]:
     """Run all micro-batches of this DP rank; returns per-pack losses on the last PP stage.
 
     The losses stay device tensors: reading them here would make the host wait for the whole
