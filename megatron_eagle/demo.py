@@ -83,7 +83,7 @@ def main(out: Path = REPO / "runs" / "demo") -> int:
     t0 = time.time()
     data, hf_init, shards = out / "data", out / "hf-init", out / "data" / "shards"
     run_dir, hf_final = out / "run", out / "hf-final"
-    from megatron_eagle.data.synthetic import make_synthetic_dataset
+    from megatron_eagle.data.prepare.synthetic import make_synthetic_dataset
 
     if not (data / "train.jsonl").exists():
         print("==> making the synthetic dataset (colours, shapes, counts; images and H.264 videos)", flush=True)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
-from megatron_eagle.data.media import MediaLimits
-from megatron_eagle.data.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
-                                         resolve_media_path, sample_json_bytes)
-from megatron_eagle.data.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
-from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR,
-                                        ShardSample, file_sha256, index_meta, parse_size, plan_shards, remove_stale,
+from megatron_eagle.data.media.image import MediaLimits
+from megatron_eagle.data.prepare.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
+                                                 resolve_media_path, sample_json_bytes)
+from megatron_eagle.data.prepare.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
+from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR, ShardSample,
+                                        file_sha256, index_meta, parse_size, plan_shards, remove_stale,
                                         sample_tar_bytes, shard_name, write_json_atomic, write_jsonl_atomic)
 
 MAX_LINE_BYTES = 64 << 20  # a longer line is rejected as malformed without being held in memory
@@ -245,7 +245,7 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Run both passes and write index, rejects and manifest (always, even when the rejected
     fraction exceeds ``max_reject_fraction``; the exit code reports that)."""
-    from megatron_eagle.data.prompt import frame_prefix_token_bound
+    from megatron_eagle.data.media.prompt import frame_prefix_token_bound
     from megatron_eagle.tokenizer import tokenizer_fingerprint
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

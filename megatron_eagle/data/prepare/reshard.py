@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_eagle.data.shard_jobs import clear_sidecars, run_shard_jobs
-from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR,
-                                        ShardReader, ShardSample, load_index, load_manifest, parse_size,
-                                        plan_shards, remove_stale, shard_name, shard_samples_from_source,
-                                        write_json_atomic, write_jsonl_atomic)
+from megatron_eagle.data.prepare.shard_jobs import clear_sidecars, run_shard_jobs
+from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR, ShardReader,
+                                        ShardSample, load_index, load_manifest, parse_size, plan_shards, remove_stale,
+                                        shard_name, shard_samples_from_source, write_json_atomic, write_jsonl_atomic)
 
 
 @dataclass

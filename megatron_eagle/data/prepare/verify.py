@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_eagle.data.media import MediaError, MediaLimits, probe_image
-from megatron_eagle.data.shard_jobs import pool_context
-from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, file_sha256, find_shards,
-                                        index_meta, load_index, load_manifest, scan_tar, split_member_name)
-from megatron_eagle.data.video import probe_video
+from megatron_eagle.data.media.image import MediaError, MediaLimits, probe_image
+from megatron_eagle.data.media.video import probe_video
+from megatron_eagle.data.prepare.shard_jobs import pool_context
+from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, file_sha256, find_shards, index_meta, load_index,
+                                        load_manifest, scan_tar, split_member_name)
 
 LOCATION_FIELDS = ("shard", "offset", "length", "members")
 VIDEO_FIELDS = ("duration", "fps", "frames", "width", "height")
