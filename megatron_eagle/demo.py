@@ -9,6 +9,7 @@ Everything lands under runs/demo/. The same command runs on GPUs (2 or more) unc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -133,10 +134,13 @@ demo finished in {time.time() - t0:.0f}s""")
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the end-to-end tiny demo (what `make demo` runs)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle demo`."""
     p.add_argument("--out", default=str(REPO / "runs" / "demo"))
-    p.set_defaults(func=lambda args: main(Path(args.out)))
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(Path(args.out))
 
 
 if __name__ == "__main__":

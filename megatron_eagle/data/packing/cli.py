@@ -26,9 +26,8 @@ from megatron_eagle.data.packing.cost_model import DEFAULT_TFLOPS
 from megatron_eagle.data.packing.packers import PACKER_NAMES
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="plan sequence packs for a curriculum stage",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle plan`."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", metavar="DIR", help="prepared data directories")
     src.add_argument("--lengths", metavar="FILE", help="text file: one `length [tiles]` per line")
@@ -51,7 +50,6 @@ def register(subparsers) -> None:
                    help="processes running ADS over --data indexes (default: the CPUs, at most 16)")
     p.add_argument("--compare", action="store_true", help="also run the other packer and print both")
     p.add_argument("--out", required=True, help="plan.json to write")
-    p.set_defaults(func=main)
 
 
 def _input_table(args: argparse.Namespace) -> tuple[SampleTable, Counter]:
@@ -122,7 +120,7 @@ def _index_within(dataset):
     return np.arange(len(dataset)) - np.repeat(starts, np.diff(np.r_[starts, len(dataset)]))
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from megatron_eagle.data.packing.plan import format_table
 
     try:

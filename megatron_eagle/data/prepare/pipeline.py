@@ -317,9 +317,8 @@ def limits_from_args(a: argparse.Namespace) -> MediaLimits:
     return MediaLimits(a.max_image_pixels, a.max_video_seconds, a.max_video_pixels, a.max_media_bytes)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="JSONL + media -> webdataset shards with a metadata index",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle prepare`."""
     p.add_argument("--input", nargs="+", required=True, help="Eagle-style JSONL annotation files")
     p.add_argument("--media-root", required=True, help="directory that media paths are relative to")
     p.add_argument("--output", required=True, help="output directory for shards, index and manifest")
@@ -330,10 +329,9 @@ def register(subparsers) -> None:
                    help="exit non-zero when more than this fraction of inputs is rejected (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_limit_args(p)
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     cfg = PrepareConfig(inputs=list(args.input), media_root=args.media_root, output=args.output,
                         tokenizer=args.tokenizer, shard_size=args.shard_size, workers=args.workers,
                         max_reject_fraction=args.max_reject_fraction, limits=limits_from_args(args),

@@ -65,18 +65,16 @@ def reshard(src: str | Path, dst: str | Path, shard_size: int, workers: int = 1,
     return out
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("reshard", help="rewrite prepared shards at a new size (no raw media needed)",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle reshard`."""
     p.add_argument("path", help="prepared directory")
     p.add_argument("--shard-size", type=parse_size, required=True, help="new target shard size, e.g. 4GiB")
     p.add_argument("--output", required=True, help="new directory")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         m = reshard(args.path, args.output, args.shard_size, args.workers,
                     progress=not args.no_progress and sys.stderr.isatty())
