@@ -1,9 +1,9 @@
 """Prompt and pixel inputs for generation: images, video frames, chat template.
 
-The data pipeline (``megatron_eagle.data.{tiling,media,video,ads,prompt}``) defines how
-training turns media into tokens; generation reuses it so both agree. When those modules
-are unavailable, a minimal fallback is used instead: one resized tile per image, PyAV
-decoding of N frames at the centres of N equal segments, and the same placeholder text.
+The data pipeline (``megatron_eagle.data.media``) defines how training turns media into
+tokens; generation reuses it so both agree. When those modules are unavailable, a minimal
+fallback is used instead: one resized tile per image, PyAV decoding of N frames at the
+centres of N equal segments, and the same placeholder text.
 ``USE_DATA_PIPELINE`` switches between them (tests flip it to exercise the fallback).
 """
 
