@@ -144,4 +144,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_eagle.cli import main as cli_main
+
+    sys.exit(cli_main(["demo", *sys.argv[1:]]))
