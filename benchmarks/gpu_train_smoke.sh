@@ -7,7 +7,7 @@ set -euo pipefail
 out=$1; mkdir -p "$out"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} PYTHONUNBUFFERED=1
 if [ "${SKIP_DEMO:-0}" = 1 ]; then  # only the demo's data and HF init, then the CP=2 run below
-  python3 -c "from pathlib import Path; from megatron_eagle.data.synthetic import make_synthetic_dataset as m; \
+  python3 -c "from pathlib import Path; from megatron_eagle.data.prepare.synthetic import make_synthetic_dataset as m; \
 m(Path('runs/demo/data'), num_samples=320, video_fraction=0.2, seed=0)" 2>&1 | tee "$out/smoke.txt"
   python3 -m megatron_eagle.cli convert make-tiny --out runs/demo/hf-init 2>&1 | tee -a "$out/smoke.txt"
   python3 -m megatron_eagle.cli prepare --input runs/demo/data/train.jsonl --media-root runs/demo/data/media \

@@ -37,7 +37,7 @@ def _cpu_s() -> float:
 def make_data(root: Path, n_images: int, n_videos: int) -> dict[str, Path]:
     from video_decode import encode
 
-    from megatron_eagle.data.prepare import PrepareConfig, prepare
+    from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
     from tests.media_factory import conv, tiny_tokenizer_dir, write_image, write_jsonl
 
     media = root / "media"
@@ -70,8 +70,8 @@ def make_data(root: Path, n_images: int, n_videos: int) -> dict[str, Path]:
 
 def make_plan_for(data: Path, seq_len: int):
     from megatron_eagle.config import preset_model_config
-    from megatron_eagle.data.plan import PlanSpec, make_plan
-    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.packing.plan import PlanSpec, make_plan
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     model = preset_model_config("eagle2.5-8b")
     table, _ = table_from_prepared([data], seq_len, model)
@@ -79,7 +79,7 @@ def make_plan_for(data: Path, seq_len: int):
 
 
 def run_loader(data: Path, seq_len: int, packs: int, workers: int, pixel_dtype: str = "float32") -> dict:
-    from megatron_eagle.data.loader import StageLoader
+    from megatron_eagle.data.loading.loader import StageLoader
     from tests.media_factory import tiny_tokenizer
 
     model, plan = make_plan_for(data, seq_len)
@@ -110,8 +110,8 @@ def run_loader(data: Path, seq_len: int, packs: int, workers: int, pixel_dtype: 
 def _tp_rank(rank: int, world: int, data: str, seq_len: int, packs: int, mode: str, pixel_dtype: str) -> dict:
     import torch.distributed as dist
 
-    from megatron_eagle.data import batch_broadcast
-    from megatron_eagle.data.loader import StageLoader
+    from megatron_eagle.data.loading import broadcast as batch_broadcast
+    from megatron_eagle.data.loading.loader import StageLoader
     from tests.media_factory import tiny_tokenizer
 
     model, plan = make_plan_for(Path(data), seq_len)
@@ -158,7 +158,7 @@ def run_tp(data: Path, seq_len: int, packs: int) -> list[dict]:
 def _synthetic_batch(tokens: int, tiles: int, size: int, dtype: str):
     import torch
 
-    from megatron_eagle.data.pack_builder import LoaderBatch
+    from megatron_eagle.data.loading.pack_builder import LoaderBatch
 
     g = torch.Generator().manual_seed(0)
     px = torch.randint(0, 256, (tiles, 3, size, size), generator=g, dtype=torch.uint8)
@@ -176,8 +176,8 @@ def _nccl_rank(rank: int, world: int, port: int, tokens: int, tiles: int, size: 
     import torch
     import torch.distributed as dist
 
-    from megatron_eagle.data.batch_broadcast import broadcast_batch
-    from megatron_eagle.data.pack_builder import normalize_pixels
+    from megatron_eagle.data.loading.broadcast import broadcast_batch
+    from megatron_eagle.data.loading.pack_builder import normalize_pixels
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)

@@ -2,7 +2,7 @@
 """Packing benchmark: the Eagle 2 knapsack vs our cost-balanced packer, side by side.
 
 For each sequence length L (with the CP the curriculum uses at that length) and DP size, plan
-the realistic mixed distribution (:mod:`megatron_eagle.data.length_mix`, documented there and
+the realistic mixed distribution (:mod:`megatron_eagle.data.packing.length_mix`, documented there and
 in BENCHMARKS.md) with both packers and report fill, per-step compute imbalance, the
 straggler's estimated step time and the planning time (one process, numpy single-threaded).
 
@@ -33,9 +33,9 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eagle.data.length_mix import realistic_mix  # noqa: E402
-from megatron_eagle.data.plan import PlanSpec, make_plan  # noqa: E402
-from megatron_eagle.data.schedule import Schedule, step_rank_costs  # noqa: E402
+from megatron_eagle.data.packing.length_mix import realistic_mix  # noqa: E402
+from megatron_eagle.data.packing.plan import PlanSpec, make_plan  # noqa: E402
+from megatron_eagle.data.packing.schedule import Schedule, step_rank_costs  # noqa: E402
 
 CP_FOR_L = {32768: 1, 65536: 2, 131072: 4}  # as in examples/eagle2.5-8b/curriculum.yaml
 RESULTS = Path(__file__).resolve().parent / "results"

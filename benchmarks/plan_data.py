@@ -48,8 +48,8 @@ def write_index(path: Path, n: int, seed: int = 0) -> None:
 
 def legacy_table(root: Path, seq_len: int):
     """The path before: iter_index + plan_sample (frame indices and timestamps built) per record."""
-    from megatron_eagle.data.ads import ImagePlan, plan_sample
-    from megatron_eagle.data.plan_index import ads_config_for
+    from megatron_eagle.data.media.ads import ImagePlan, plan_sample
+    from megatron_eagle.data.packing.plan_index import ads_config_for
     from megatron_eagle.data.shards import iter_index
 
     cfg = ads_config_for({})
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=32768)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args(argv)
-    from megatron_eagle.data import tiling
-    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.media import tiling
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

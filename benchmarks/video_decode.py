@@ -2,7 +2,7 @@
 
 Encodes test videos with PyAV (H.264/libx264, MPEG-4 Part 2, VP9) of several lengths, plans
 frames the way ADS does (segment centres, <= 2 fps, capped), and times
-  sparse: megatron_eagle.data.video.decode_frames (seek to keyframe, decode forward)
+  sparse: megatron_eagle.data.media.video.decode_frames (seek to keyframe, decode forward)
   full:   decode every frame in order, converting only the planned ones
 Both resize the planned frames to tile size. Runs on CPU.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_eagle.data.ads import sample_frame_indices  # noqa: E402
-from megatron_eagle.data.video import decode_all_frames, decode_frames, probe_video  # noqa: E402
+from megatron_eagle.data.media.ads import sample_frame_indices  # noqa: E402
+from megatron_eagle.data.media.video import decode_all_frames, decode_frames, probe_video  # noqa: E402
 
 CODECS = {"h264": ("libx264", "mp4", {"preset": "veryfast"}),
           "mpeg4": ("mpeg4", "mp4", {}),

@@ -9,6 +9,7 @@ Everything lands under runs/demo/. The same command runs on GPUs (2 or more) unc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def main(out: Path = REPO / "runs" / "demo") -> int:
     t0 = time.time()
     data, hf_init, shards = out / "data", out / "hf-init", out / "data" / "shards"
     run_dir, hf_final = out / "run", out / "hf-final"
-    from megatron_eagle.data.synthetic import make_synthetic_dataset
+    from megatron_eagle.data.prepare.synthetic import make_synthetic_dataset
 
     if not (data / "train.jsonl").exists():
         print("==> making the synthetic dataset (colours, shapes, counts; images and H.264 videos)", flush=True)
@@ -133,11 +134,16 @@ demo finished in {time.time() - t0:.0f}s""")
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the end-to-end tiny demo (what `make demo` runs)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle demo`."""
     p.add_argument("--out", default=str(REPO / "runs" / "demo"))
-    p.set_defaults(func=lambda args: main(Path(args.out)))
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(Path(args.out))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_eagle.cli import main as cli_main
+
+    sys.exit(cli_main(["demo", *sys.argv[1:]]))

@@ -144,7 +144,7 @@ def share_of(batch: PackedBatch, cfg, cp: int, rank: int):
     rank's contiguous tile share (``tile_offset``), token side unchanged."""
     import dataclasses
 
-    from megatron_eagle.data.pack_builder import LoaderBatch
+    from megatron_eagle.data.loading.pack_builder import LoaderBatch
     from megatron_eagle.parallel.vision_cp import tile_shares
 
     n = int(batch.pixel_values.shape[0])

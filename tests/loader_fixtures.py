@@ -17,7 +17,7 @@ WORDS = "red green blue circle square star moving object left right top bottom b
 def build_loader_dataset(root: str | Path, n: int = 60, long_text: bool = True) -> dict[str, Any]:
     """``n`` samples cycling over image / two-image / video / text-only kinds, plus (``long_text``) one
     text sample far longer than the test stage length. Returns paths and the prepared directory."""
-    from megatron_eagle.data.prepare import PrepareConfig, prepare
+    from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
 
     root = Path(root)
     media = root / "media"

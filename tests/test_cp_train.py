@@ -3,7 +3,7 @@ norms as CP=1 on the same packs.
 
 The planner packs CP-padded lengths (multiples of 2*CP), so a CP=1 plan can group samples
 differently. To compare the same packs, the CP=1 run plans with CP=2's padding: a
-``sitecustomize`` on its PYTHONPATH wraps ``packing.cp_padded_lengths`` (test-only). Its packs
+``sitecustomize`` on its PYTHONPATH wraps ``packing.common.cp_padded_lengths`` (test-only). Its packs
 then hold the same samples without the per-sample padding, which changes no loss term
 (padding follows each sample and carries zero weight).
 """
@@ -18,9 +18,9 @@ from tests.train_fixtures import REPO, _env, build_assets, records, torchrun_cmd
 
 SITE = """import os
 if os.environ.get("EAGLE_TEST_PLAN_CP"):
-    from megatron_eagle.data import packing
-    _orig, _cp = packing.cp_padded_lengths, int(os.environ["EAGLE_TEST_PLAN_CP"])
-    packing.cp_padded_lengths = lambda length, cp: _orig(length, max(cp, _cp))
+    from megatron_eagle.data.packing import common
+    _orig, _cp = common.cp_padded_lengths, int(os.environ["EAGLE_TEST_PLAN_CP"])
+    common.cp_padded_lengths = lambda length, cp: _orig(length, max(cp, _cp))
 """
 
 

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from megatron_eagle.data.ads import (DROP_FRAMES_BELOW_MIN, DROP_MEDIA_TOO_LONG, DROP_TEXT_TOO_LONG, ADSConfig,
-                                     ImagePlan, SamplePlan, VideoPlan, ads_config_from_manifest, plan_records,
-                                     plan_sample, sample_length)
+from megatron_eagle.data.media.ads import (DROP_FRAMES_BELOW_MIN, DROP_MEDIA_TOO_LONG, DROP_TEXT_TOO_LONG, ADSConfig,
+                                           ImagePlan, SamplePlan, VideoPlan, ads_config_from_manifest, plan_records,
+                                           plan_sample, sample_length)
 
 
 def video(duration, fps=30.0, start=None, end=None):

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_eagle.data import video as video_mod
-from megatron_eagle.data.media import MediaError, MediaLimits, decode_image, frames_to_tiles, image_to_tiles, probe_image
-from megatron_eagle.data.video import decode_all_frames, decode_frames, probe_video, video_to_tiles
+from megatron_eagle.data.media import video as video_mod
+from megatron_eagle.data.media.image import (MediaError, MediaLimits, decode_image, frames_to_tiles, image_to_tiles,
+                                             probe_image)
+from megatron_eagle.data.media.video import decode_all_frames, decode_frames, probe_video, video_to_tiles
 from tests.media_factory import encode_video, frame_array, truncate, write_image
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from megatron_eagle.cli import main as cli_main
-from megatron_eagle.data import prepare as prepare_mod
-from megatron_eagle.data.prepare import PrepareConfig, prepare
+from megatron_eagle.data.prepare import pipeline as prepare_mod
+from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
 from megatron_eagle.data.shards import ShardReader, load_index, load_manifest, plan_shards
 from tests.media_factory import build_dataset, tiny_tokenizer_dir
 

@@ -1,9 +1,9 @@
 import pytest
 from tests.media_factory import tiny_tokenizer
 
-from megatron_eagle.data.ads import ImagePlan, VideoPlan
-from megatron_eagle.data.prompt import (IGNORE_INDEX, count_text_tokens, expand_media_placeholders, frame_prefix,
-                                        frame_prefix_token_bound, tokenize_conversation, visual_tokens)
+from megatron_eagle.data.media.ads import ImagePlan, VideoPlan
+from megatron_eagle.data.media.prompt import (IGNORE_INDEX, count_text_tokens, expand_media_placeholders, frame_prefix,
+                                              frame_prefix_token_bound, tokenize_conversation, visual_tokens)
 from megatron_eagle.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from megatron_eagle.data.media import MediaLimits
-from megatron_eagle.data.prompt import count_text_tokens
-from megatron_eagle.data.samples import Accepted, Rejected, SampleContext, make_key, parse_sample
+from megatron_eagle.data.media.image import MediaLimits
+from megatron_eagle.data.media.prompt import count_text_tokens
+from megatron_eagle.data.prepare.samples import Accepted, Rejected, SampleContext, make_key, parse_sample
 from tests.media_factory import conv, encode_video, tiny_tokenizer, write_image
 
 

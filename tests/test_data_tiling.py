@@ -2,8 +2,7 @@ import itertools
 
 import pytest
 
-from megatron_eagle.data.tiling import (candidate_grids, choose_grid, iap_score, image_tokens, kept_area,
-                                        num_tiles)
+from megatron_eagle.data.media.tiling import candidate_grids, choose_grid, iap_score, image_tokens, kept_area, num_tiles
 
 
 def test_paper_example_iap_vs_internvl():

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from megatron_eagle.cli import main as cli_main
-from megatron_eagle.data.inspect_shards import render_text, summarize
-from megatron_eagle.data.prepare import PrepareConfig, prepare
-from megatron_eagle.data.reshard import reshard
+from megatron_eagle.data.prepare.inspect_shards import render_text, summarize
+from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
+from megatron_eagle.data.prepare.reshard import reshard
+from megatron_eagle.data.prepare.verify import verify
 from megatron_eagle.data.shards import load_index, load_manifest
-from megatron_eagle.data.verify import verify
 from tests.media_factory import build_dataset, tiny_tokenizer_dir
 
 

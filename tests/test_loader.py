@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_eagle.config import ConfigError, preset_model_config
-from megatron_eagle.data.loader import StageLoader, build_stage_loader, needs_data, needs_media
-from megatron_eagle.data.pack_builder import check_batch, normalize_pixels
+from megatron_eagle.data.loading.loader import StageLoader, build_stage_loader, needs_data, needs_media
+from megatron_eagle.data.loading.pack_builder import check_batch, normalize_pixels
 from megatron_eagle.data.shards import load_index
 from tests.dist import run_distributed
 from tests.loader_fixtures import build_loader_dataset, write_curriculum
@@ -142,8 +142,8 @@ def test_resume_mid_epoch_gives_the_same_stream(data, reference, cp_share, worke
 
 
 def test_epochs_replan_with_a_new_seed_and_resume_across_them(data, reference):
-    from megatron_eagle.data.plan import PlanSpec, make_plan
-    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.packing.plan import PlanSpec, make_plan
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     model = preset_model_config("tiny")
     table, _ = table_from_prepared([data["prepared"]], L, model)
@@ -169,7 +169,7 @@ def corrupt_member(root, rec, member) -> None:
 
 
 def test_bad_media_is_blanked_logged_and_counted(data, reference, tmp_path, caplog):
-    from megatron_eagle.data.pack_builder import BLANK_FLOAT, ROW_BLANKED
+    from megatron_eagle.data.loading.pack_builder import BLANK_FLOAT, ROW_BLANKED
     from megatron_eagle.models.batch import loss_weights_for
 
     bad = tmp_path / "bad"
@@ -187,7 +187,7 @@ def test_bad_media_is_blanked_logged_and_counted(data, reference, tmp_path, capl
     m = ld.metrics()
     assert m["loader_errors"] == 1 and m["rejected"] == [f"mix: {rec['shard']}:{rec['key']}"]
     assert any(rec["key"] in r.getMessage() and rec["shard"] in r.getMessage() for r in caplog.records)
-    from megatron_eagle.data.loader import REJECTED_NAMES_KEPT
+    from megatron_eagle.data.loading.loader import REJECTED_NAMES_KEPT
 
     for r in range(REJECTED_NAMES_KEPT + 5):  # a long run never reset keeps a bounded list of names
         ld._reject([(0, r)], torch.tensor([ROW_BLANKED]))
@@ -254,8 +254,8 @@ def test_cp_and_sequence_parallel_padding(data, tmp_path):
 
 def tile_media(builder, batch) -> list[tuple[int, int, bool]]:
     """(segment, medium, is video frame) of every pack tile, from the ADS plans (no decoding)."""
-    from megatron_eagle.data.ads import VideoPlan, plan_sample
-    from megatron_eagle.data.pack_builder import media_tiles
+    from megatron_eagle.data.loading.pack_builder import media_tiles
+    from megatron_eagle.data.media.ads import VideoPlan, plan_sample
 
     out = []
     for k, (ds, idx) in enumerate(batch.sample_ids.tolist()):
@@ -271,8 +271,8 @@ TOKEN_SIDE = ("tokens", "labels", "loss_weights", "position_ids", "cu_seqlens", 
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_ranks_decode_only_their_share_and_the_shares_make_the_cp1_pack(data, tmp_path, cp):
-    from megatron_eagle.data.loader import rank_schedule
-    from megatron_eagle.data.pack_builder import PackBuilder
+    from megatron_eagle.data.loading.loader import rank_schedule
+    from megatron_eagle.data.loading.pack_builder import PackBuilder
     from megatron_eagle.parallel.vision_cp import tile_shares
 
     cur = write_curriculum(tmp_path / "cur.yaml", data["prepared"], seq_len=L, parallel={"tp": 1, "pp": 1, "cp": cp})
@@ -495,7 +495,7 @@ class _StallOnce:
 
 def test_a_stalled_worker_is_replaced_and_the_stream_continues(data, reference, tmp_path, caplog):
     ld = loader(data, 0, num_workers=1, prefetch=1, worker_timeout_s=2.0, start_step=1)
-    from megatron_eagle.data.loader import rank_schedule
+    from megatron_eagle.data.loading.loader import rank_schedule
 
     rows = rank_schedule(ld.epoch_plan(0), 0).rows(2 * 2 + 1)  # step 2, micro 1
     ld.builder = _StallOnce(ld.builder, tmp_path / "stalled", rows)
@@ -506,8 +506,8 @@ def test_a_stalled_worker_is_replaced_and_the_stream_continues(data, reference, 
 
 
 def test_table_cache_is_computed_once_and_shared(data, tmp_path):
-    from megatron_eagle.data.plan_index import table_from_prepared
-    from megatron_eagle.data.table_cache import cached_table
+    from megatron_eagle.data.loading.table_cache import cached_table
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     model = preset_model_config("tiny")
     ref, drops = table_from_prepared([data["prepared"]], L, model)
@@ -528,10 +528,10 @@ def test_table_cache_is_computed_once_and_shared(data, tmp_path):
 def test_uint8_tiles_and_in_place_normalisation_match_the_inference_path(data):
     import io
 
-    from megatron_eagle.data.ads import VideoPlan
-    from megatron_eagle.data.media import decode_image, image_to_tiles, normalize
-    from megatron_eagle.data.pack_builder import PackInfo, assemble_pixels, image_tiles_uint8
-    from megatron_eagle.data.video import video_to_tiles
+    from megatron_eagle.data.loading.pack_builder import PackInfo, assemble_pixels, image_tiles_uint8
+    from megatron_eagle.data.media.ads import VideoPlan
+    from megatron_eagle.data.media.image import decode_image, image_to_tiles, normalize
+    from megatron_eagle.data.media.video import video_to_tiles
 
     root = data["root"] / "media"
     img = decode_image((root / "img/7.jpg").read_bytes())

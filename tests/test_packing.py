@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from megatron_eagle.config import ConfigError, FreezeConfig, preset_model_config
-from megatron_eagle.data.cost_model import TOKENS, cost_model_from_config, resolve_cost_model
-from megatron_eagle.data.length_mix import realistic_mix
-from megatron_eagle.data.packing import Packs, SampleTable, cp_padded_lengths, pack
-from megatron_eagle.data.packing_balanced import layered_pack, pour
-from megatron_eagle.data.plan import PlanSpec, make_plan
+from megatron_eagle.data.packing.balanced import layered_pack, pour
+from megatron_eagle.data.packing.common import Packs, SampleTable, cp_padded_lengths
+from megatron_eagle.data.packing.cost_model import TOKENS, cost_model_from_config, resolve_cost_model
+from megatron_eagle.data.packing.length_mix import realistic_mix
+from megatron_eagle.data.packing.packers import pack
+from megatron_eagle.data.packing.plan import PlanSpec, make_plan
 
 L32, L128 = 32768, 131072
 

@@ -12,9 +12,16 @@ import pytest
 import yaml
 
 from megatron_eagle.cli import main
-from megatron_eagle.data.length_mix import realistic_mix, write_lengths
+from megatron_eagle.data.packing.common import SampleTable
+from megatron_eagle.data.packing.length_mix import realistic_mix
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_lengths(path: Path, table: SampleTable, with_tiles: bool = True) -> None:
+    """Write a ``--lengths`` file: one ``length [tiles]`` per line."""
+    cols = np.stack([table.length, table.tiles], 1) if with_tiles else table.length[:, None]
+    np.savetxt(path, cols, fmt="%d")
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +133,9 @@ def test_tools_script_runs(lengths_file, tmp_path):
 
 def test_plan_from_a_really_prepared_directory(tmp_path):
     """End to end with `prepare`'s real index: every written sample is planned, dropped or left over."""
-    from megatron_eagle.data.ads import ads_config_from_manifest, plan_sample
-    from megatron_eagle.data.plan_index import table_from_prepared
-    from megatron_eagle.data.prepare import PrepareConfig, prepare
+    from megatron_eagle.data.media.ads import ads_config_from_manifest, plan_sample
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
+    from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
     from megatron_eagle.data.shards import load_index, load_manifest
     from tests.media_factory import build_dataset, tiny_tokenizer_dir
 

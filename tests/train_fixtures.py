@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_assets(root: Path, num_samples: int = 120) -> dict[str, Path]:
     """Synthetic JSONL + media -> shards (megatron-eagle prepare), and a tiny random HF init."""
-    from megatron_eagle.data.synthetic import make_synthetic_dataset
+    from megatron_eagle.data.prepare.synthetic import make_synthetic_dataset
 
     jsonl = make_synthetic_dataset(root / "raw", num_samples=num_samples, seed=0)
     hf = root / "hf-init"

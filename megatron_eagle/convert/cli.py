@@ -22,9 +22,8 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="HF checkpoint conversion and verification",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle convert`: one action each, and the action's flags."""
     sub = p.add_subparsers(dest="convert_command", metavar="ACTION")
 
     v = sub.add_parser("verify", help="max logits difference vs the transformers reference")
@@ -70,7 +69,13 @@ def register(subparsers) -> None:
     fh.add_argument("--pp", type=int, default=1)
     fh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     fh.set_defaults(func=run_from_hf)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(print_convert_help=p.print_help)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`convert` without an action (each action sets its own ``func``): print the help."""
+    args.print_convert_help()
+    return 2
 
 
 def run_to_hf(args) -> int:

@@ -19,9 +19,8 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="greedy generation from an HF Eagle 2.5 dir",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle generate`."""
     p.add_argument("--hf", required=True, help="HF Eagle 2.5 directory (weights, config.json, tokenizer)")
     p.add_argument("--prompt", required=True, help="user text; <image>/<video> mark where media go")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -34,7 +33,6 @@ def register(subparsers) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object: input_ids, generated_ids, text")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

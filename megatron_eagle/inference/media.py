@@ -1,9 +1,9 @@
 """Prompt and pixel inputs for generation: images, video frames, chat template.
 
-The data pipeline (``megatron_eagle.data.{tiling,media,video,ads,prompt}``) defines how
-training turns media into tokens; generation reuses it so both agree. When those modules
-are unavailable, a minimal fallback is used instead: one resized tile per image, PyAV
-decoding of N frames at the centres of N equal segments, and the same placeholder text.
+The data pipeline (``megatron_eagle.data.media``) defines how training turns media into
+tokens; generation reuses it so both agree. When those modules are unavailable, a minimal
+fallback is used instead: one resized tile per image, PyAV decoding of N frames at the
+centres of N equal segments, and the same placeholder text.
 ``USE_DATA_PIPELINE`` switches between them (tests flip it to exercise the fallback).
 """
 
@@ -27,11 +27,11 @@ def _data_pipeline_available() -> bool:
     if not USE_DATA_PIPELINE:
         return False
     try:
-        import megatron_eagle.data.ads  # noqa: F401
-        import megatron_eagle.data.media  # noqa: F401
-        import megatron_eagle.data.prompt  # noqa: F401
-        import megatron_eagle.data.tiling  # noqa: F401
-        import megatron_eagle.data.video  # noqa: F401
+        import megatron_eagle.data.media.ads  # noqa: F401
+        import megatron_eagle.data.media.image  # noqa: F401
+        import megatron_eagle.data.media.prompt  # noqa: F401
+        import megatron_eagle.data.media.tiling  # noqa: F401
+        import megatron_eagle.data.media.video  # noqa: F401
     except ImportError:
         return False
     return True
@@ -68,8 +68,8 @@ def load_image(path: str | Path, tile_size: int, max_tiles: int = 12) -> ImageIn
     """Tiles of one image: IAP grid + thumbnail via the data pipeline, else one resized tile."""
     data = Path(path).read_bytes()
     if _data_pipeline_available():
-        from megatron_eagle.data.media import decode_image, image_to_tiles
-        from megatron_eagle.data.tiling import choose_grid
+        from megatron_eagle.data.media.image import decode_image, image_to_tiles
+        from megatron_eagle.data.media.tiling import choose_grid
 
         img = decode_image(data)
         grid = choose_grid(img.width, img.height, max_tiles, "iap", tile_size)
@@ -87,8 +87,8 @@ def load_image(path: str | Path, tile_size: int, max_tiles: int = 12) -> ImageIn
 def load_video(path: str | Path, tile_size: int, num_frames: int = 8) -> VideoInput:
     """``num_frames`` frames at the centres of equal segments, one tile each, with their times."""
     if _data_pipeline_available():
-        from megatron_eagle.data.ads import sample_frame_indices
-        from megatron_eagle.data.video import probe_video, video_to_tiles
+        from megatron_eagle.data.media.ads import sample_frame_indices
+        from megatron_eagle.data.media.video import probe_video, video_to_tiles
 
         plan = sample_frame_indices(probe_video(str(path)), num_frames)
         tiles, _ = video_to_tiles(str(path), plan.frame_indices, tile_size)
@@ -160,8 +160,8 @@ def build_inputs(tok, prompt: str, images: Sequence[ImageInput] = (), videos: Se
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile_size, tile_size)
     conv = [{"role": "user", "content": text}]
     if _data_pipeline_available():
-        from megatron_eagle.data.ads import ImagePlan, VideoPlan
-        from megatron_eagle.data.prompt import tokenize_conversation
+        from megatron_eagle.data.media.ads import ImagePlan, VideoPlan
+        from megatron_eagle.data.media.prompt import tokenize_conversation
 
         plan = [ImagePlan(tuple(i.grid)) for i in images] + \
                [VideoPlan(tuple(v.frame_indices), tuple(v.timestamps)) for v in videos]

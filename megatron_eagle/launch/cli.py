@@ -45,9 +45,8 @@ def _stage_sets(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("submit", help="submit training to Slurm (one job per stage, chained)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle submit`."""
     p.add_argument("--config", required=True, help="run YAML (see examples/eagle2.5-8b/run.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, passed to every job's `train` as well")
@@ -89,7 +88,6 @@ def register(subparsers) -> None:
     g.add_argument("--python", default="python", help="interpreter inside the job")
     g.add_argument("--workdir", help="job working directory (#SBATCH --chdir)")
     p.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch commands, submit nothing")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

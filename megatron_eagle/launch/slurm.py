@@ -178,7 +178,7 @@ class RunInfo:
 
 def load_run(config: str, overrides: list[str]) -> tuple[RunInfo, object]:
     """Load and check the run YAML and its curriculum (no world size yet)."""
-    from megatron_eagle.data.curriculum import load_curriculum
+    from megatron_eagle.data.packing.curriculum import load_curriculum
     from megatron_eagle.training.run_config import load_run_config
 
     check("--config", config)

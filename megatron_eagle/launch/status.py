@@ -140,11 +140,10 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("status", help="a run's Slurm jobs, last step, loss and checkpoints")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle status`."""
     p.add_argument("run", metavar="RUN_DIR", help="the run directory (or its run YAML)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,8 +27,8 @@ from typing import Literal, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_eagle.data.batch_broadcast import group_device
-from megatron_eagle.data.pack_builder import ROW_BLANKED, ROW_LEFT_OUT, ROW_USED, LoaderBatch, blank_subsamples
+from megatron_eagle.data.loading.broadcast import group_device
+from megatron_eagle.data.loading.pack_builder import ROW_BLANKED, ROW_LEFT_OUT, ROW_USED, LoaderBatch, blank_subsamples
 from megatron_eagle.models.batch import IGNORE_INDEX
 
 log = logging.getLogger("megatron_eagle.train")

@@ -7,12 +7,11 @@ import logging
 import warnings
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train through a curriculum on megatron-core")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle train`."""
     p.add_argument("--config", required=True, help="run YAML (see examples/tiny/run.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.save_every_steps=50")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

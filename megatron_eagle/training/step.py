@@ -20,7 +20,7 @@ def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.de
     The losses stay device tensors: reading them here would make the host wait for the whole
     backward before it starts the optimizer's bookkeeping (:func:`prepare_step` overlaps it).
     """
-    from megatron_eagle.data.pack_builder import normalize_pixels
+    from megatron_eagle.data.loading.pack_builder import normalize_pixels
 
     def forward_step(data_iterator, model):
         # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch;

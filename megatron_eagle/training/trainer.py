@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
 from megatron_eagle.config import ConfigError
-from megatron_eagle.data.pack_builder import pack_tile_count
+from megatron_eagle.data.loading.pack_builder import pack_tile_count
 from megatron_eagle.models.eagle import build_model
 from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, replica_group
 from megatron_eagle.training.agreement import agree_on_batches, rejected_rows
@@ -57,7 +57,7 @@ class StageContext:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        from megatron_eagle.data.curriculum import load_curriculum
+        from megatron_eagle.data.packing.curriculum import load_curriculum
         from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
 
         self.cfg = cfg
@@ -96,7 +96,7 @@ class Trainer:
 
     # -- stage setup --------------------------------------------------------------------
     def _build_stage(self, index: int, weights: Optional[tuple[str, Path]]) -> StageContext:
-        from megatron_eagle.data.loader import build_stage_loader
+        from megatron_eagle.data.loading.loader import build_stage_loader
 
         cfg, stage = self.cfg, self.curriculum.stages[index]
         par = stage.parallel

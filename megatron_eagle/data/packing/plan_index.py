@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_eagle.config import ConfigError, ModelConfig
-from megatron_eagle.data.ads import ADSConfig, ads_config_from_manifest, sample_length
-from megatron_eagle.data.packing import SampleTable
+from megatron_eagle.data.media.ads import ADSConfig, ads_config_from_manifest, sample_length
+from megatron_eagle.data.packing.common import SampleTable
 from megatron_eagle.data.shards import INDEX_NAME, MANIFEST_NAME, is_url, iter_index_lines, load_manifest
 
 CHUNK_LINES = 20_000  # index lines per task of the process pool

@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from megatron_eagle.config import ConfigError, ModelConfig
-from megatron_eagle.data.ads import ADSConfig
-from megatron_eagle.data.plan_index import ads_config_for
+from megatron_eagle.data.media.ads import ADSConfig
+from megatron_eagle.data.packing.plan_index import ads_config_for
 from megatron_eagle.data.shards import INDEX_NAME, ShardReader, is_url, join_root, load_manifest
 
 _CHUNK = 64 << 20

@@ -16,7 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
-from megatron_eagle.data.media import MediaError, MediaLimits
+from megatron_eagle.data.media.image import MediaError, MediaLimits
 
 VideoSource = Union[str, Path, bytes, BinaryIO]
 # Member extension per demuxer (PyAV's format names are comma lists; the first match wins).
@@ -300,7 +300,7 @@ def video_to_tiles(source: VideoSource, frame_indices: Sequence[int], tile_size:
     import numpy as np
     import torch
 
-    from megatron_eagle.data.media import normalize
+    from megatron_eagle.data.media.image import normalize
 
     frames, times = decode_frames(source, frame_indices, size=(tile_size, tile_size))
     if not frames:

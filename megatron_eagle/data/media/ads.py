@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
-from megatron_eagle.data.tiling import DEFAULT_MAX_TILES, DEFAULT_TILE_SIZE, Grid, choose_grid, num_tiles
+from megatron_eagle.data.media.tiling import DEFAULT_MAX_TILES, DEFAULT_TILE_SIZE, Grid, choose_grid, num_tiles
 
 DROP_TEXT_TOO_LONG = "text exceeds max length"
 DROP_MEDIA_TOO_LONG = "images do not fit at one tile"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Sequence, Union
 
-from megatron_eagle.data.ads import ImagePlan, MediaPlan, VideoPlan
+from megatron_eagle.data.media.ads import ImagePlan, MediaPlan, VideoPlan
 from megatron_eagle.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START
 
 IGNORE_INDEX = -100

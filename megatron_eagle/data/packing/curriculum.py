@@ -38,7 +38,7 @@ import yaml
 
 from megatron_eagle.config import (PRESETS, ConfigError, EagleConfig, FreezeConfig, ParallelConfig, from_dict,
                                    preset_model_config, validate)
-from megatron_eagle.data.packing import SampleTable
+from megatron_eagle.data.packing.common import SampleTable
 
 Module = Literal["vision", "connector", "llm"]
 MIN_FILL = 0.99  # pack fill assumed when sizing a stage given in steps/tokens (balanced packer: >= 0.99)
@@ -292,8 +292,8 @@ def plan_stage(cur: Curriculum, name: str, tables: dict[str, SampleTable], world
     plan at that many steps. Sample indices in the plan are rows of the blend; ``plan.source_*``
     map them back to (dataset, index in dataset).
     """
-    from megatron_eagle.data.cost_model import cost_model_from_config
-    from megatron_eagle.data.plan import PlanSpec, make_plan
+    from megatron_eagle.data.packing.cost_model import cost_model_from_config
+    from megatron_eagle.data.packing.plan import PlanSpec, make_plan
 
     stage = cur.stage(name)
     dp, micro = stage.layout(world_size)

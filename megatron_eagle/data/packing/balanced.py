@@ -32,7 +32,7 @@ import bisect
 
 import numpy as np
 
-from megatron_eagle.data.packing import sorted_desc
+from megatron_eagle.data.packing.common import sorted_desc
 
 SAND_DIVISOR = 16  # samples <= seq_len / 16 fill gaps
 POUR_REPEATS = 3  # passes per size class (each pass resolves most straddlers)

@@ -1,4 +1,4 @@
-"""A realistic mixed image/video/text length distribution for planning benchmarks and tests.
+"""A realistic mixed image/video/text length distribution: the input of `megatron-eagle plan --synthetic N`.
 
 Modelled on Eagle 2.5's long-context stages (Image-SFT + Open-Data video + long text),
 drawn per sample with a seeded generator, then passed through ADS-style budgeting for a
@@ -13,17 +13,15 @@ sequence length ``L``:
 - **text (15%)**: log-normal length (median 1200, sigma 1.4; p99 ~ 32K), never truncated,
   so the tail beyond ``L`` is over-long and must be dropped by the planner.
 
-This is a stand-in for the real index of a prepared dataset; ``--lengths`` files can be written
-from it with :func:`write_lengths`.
+This is a stand-in for the real index of a prepared dataset, for what-if plans, the packing
+benchmark and the planner tests.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from megatron_eagle.data.packing import SampleTable
+from megatron_eagle.data.packing.common import SampleTable
 
 TOKENS_PER_TILE = 256
 IMAGE_WRAP = 2  # <img> </img>
@@ -65,8 +63,3 @@ def realistic_mix(n: int, seq_len: int, seed: int = 0) -> SampleTable:
     length[tx] = np.maximum(np.rint(rng.lognormal(np.log(1200), 1.4, tx.size)), 16).astype(np.int64)
     return SampleTable(length, tiles, mod.astype(np.int32), list(MODALITIES))
 
-
-def write_lengths(path: str | Path, table: SampleTable, with_tiles: bool = True) -> None:
-    """Write a ``--lengths`` file: one ``length [tiles]`` per line."""
-    cols = np.stack([table.length, table.tiles], 1) if with_tiles else table.length[:, None]
-    np.savetxt(path, cols, fmt="%d")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_eagle.data.pack_builder import LoaderBatch
+from megatron_eagle.data.loading.pack_builder import LoaderBatch
 
 _HEADER = 12
 _DTYPES = {0: torch.float32, 1: torch.uint8}

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from megatron_eagle.data.packing import sorted_desc
+from megatron_eagle.data.packing.common import sorted_desc
 
 
 def _knapsack(lens: list[int], seq_len: int, delta: int, first_id: int) -> tuple[list[int], int]:

@@ -31,9 +31,10 @@ from typing import Any, Optional
 import numpy as np
 
 from megatron_eagle.config import ConfigError
-from megatron_eagle.data.cost_model import DEFAULT_TFLOPS, CostModel, resolve_cost_model
-from megatron_eagle.data.packing import PACKER_NAMES, Packs, SampleTable, cp_padded_lengths, pack
-from megatron_eagle.data.schedule import Schedule, schedule_by_cost, schedule_random, step_rank_costs, truncate
+from megatron_eagle.data.packing.common import Packs, SampleTable, cp_padded_lengths
+from megatron_eagle.data.packing.cost_model import DEFAULT_TFLOPS, CostModel, resolve_cost_model
+from megatron_eagle.data.packing.packers import PACKER_NAMES, pack
+from megatron_eagle.data.packing.schedule import Schedule, schedule_by_cost, schedule_random, step_rank_costs, truncate
 
 # The balanced packer bin-packs ~n/width layers in Python; aim for at most this many layers.
 TARGET_LAYERS = 20_000

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-from megatron_eagle.data.tiling import Grid
+from megatron_eagle.data.media.tiling import Grid
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)

@@ -21,13 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 from megatron_eagle.config import ConfigError
-from megatron_eagle.data.cost_model import DEFAULT_TFLOPS
-from megatron_eagle.data.packing import PACKER_NAMES, SampleTable
+from megatron_eagle.data.packing.common import SampleTable
+from megatron_eagle.data.packing.cost_model import DEFAULT_TFLOPS
+from megatron_eagle.data.packing.packers import PACKER_NAMES
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="plan sequence packs for a curriculum stage",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle plan`."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", metavar="DIR", help="prepared data directories")
     src.add_argument("--lengths", metavar="FILE", help="text file: one `length [tiles]` per line")
@@ -50,28 +50,27 @@ def register(subparsers) -> None:
                    help="processes running ADS over --data indexes (default: the CPUs, at most 16)")
     p.add_argument("--compare", action="store_true", help="also run the other packer and print both")
     p.add_argument("--out", required=True, help="plan.json to write")
-    p.set_defaults(func=main)
 
 
 def _input_table(args: argparse.Namespace) -> tuple[SampleTable, Counter]:
     if args.lengths:
-        from megatron_eagle.data.plan import read_lengths_file
+        from megatron_eagle.data.packing.plan import read_lengths_file
 
         return read_lengths_file(args.lengths), Counter()
     if args.synthetic is not None:
-        from megatron_eagle.data.length_mix import realistic_mix
+        from megatron_eagle.data.packing.length_mix import realistic_mix
 
         if args.synthetic < 1:
             raise ConfigError("--synthetic", "must be >= 1", "give a sample count")
         return realistic_mix(args.synthetic, args.seq_len, args.seed), Counter()
-    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     return table_from_prepared(args.data, args.seq_len, workers=args.workers)
 
 
 def _stage_tables(cur_path: str, cur, stage) -> dict[str, SampleTable]:
-    from megatron_eagle.data.plan import read_lengths_file
-    from megatron_eagle.data.plan_index import table_from_prepared
+    from megatron_eagle.data.packing.plan import read_lengths_file
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
 
     tables = {}
     for d in stage.datasets:
@@ -90,10 +89,10 @@ def _stage_tables(cur_path: str, cur, stage) -> dict[str, SampleTable]:
 
 
 def _plan(args: argparse.Namespace, packer: str):
-    from megatron_eagle.data.plan import PlanSpec, make_plan
+    from megatron_eagle.data.packing.plan import PlanSpec, make_plan
 
     if args.curriculum:
-        from megatron_eagle.data.curriculum import load_curriculum, plan_stage
+        from megatron_eagle.data.packing.curriculum import load_curriculum, plan_stage
 
         if not args.stage or not args.world_size:
             raise ConfigError("--curriculum", "needs --stage and --world-size", "add --stage NAME --world-size N")
@@ -121,8 +120,8 @@ def _index_within(dataset):
     return np.arange(len(dataset)) - np.repeat(starts, np.diff(np.r_[starts, len(dataset)]))
 
 
-def main(args: argparse.Namespace) -> int:
-    from megatron_eagle.data.plan import format_table
+def run(args: argparse.Namespace) -> int:
+    from megatron_eagle.data.packing.plan import format_table
 
     try:
         plan = _plan(args, args.packer)

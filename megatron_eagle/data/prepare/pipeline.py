@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
-from megatron_eagle.data.media import MediaLimits
-from megatron_eagle.data.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
-                                         resolve_media_path, sample_json_bytes)
-from megatron_eagle.data.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
-from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR,
-                                        ShardSample, file_sha256, index_meta, parse_size, plan_shards, remove_stale,
+from megatron_eagle.data.media.image import MediaLimits
+from megatron_eagle.data.prepare.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
+                                                 resolve_media_path, sample_json_bytes)
+from megatron_eagle.data.prepare.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
+from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR, ShardSample,
+                                        file_sha256, index_meta, parse_size, plan_shards, remove_stale,
                                         sample_tar_bytes, shard_name, write_json_atomic, write_jsonl_atomic)
 
 MAX_LINE_BYTES = 64 << 20  # a longer line is rejected as malformed without being held in memory
@@ -245,7 +245,7 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Run both passes and write index, rejects and manifest (always, even when the rejected
     fraction exceeds ``max_reject_fraction``; the exit code reports that)."""
-    from megatron_eagle.data.prompt import frame_prefix_token_bound
+    from megatron_eagle.data.media.prompt import frame_prefix_token_bound
     from megatron_eagle.tokenizer import tokenizer_fingerprint
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -317,9 +317,8 @@ def limits_from_args(a: argparse.Namespace) -> MediaLimits:
     return MediaLimits(a.max_image_pixels, a.max_video_seconds, a.max_video_pixels, a.max_media_bytes)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="JSONL + media -> webdataset shards with a metadata index",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle prepare`."""
     p.add_argument("--input", nargs="+", required=True, help="Eagle-style JSONL annotation files")
     p.add_argument("--media-root", required=True, help="directory that media paths are relative to")
     p.add_argument("--output", required=True, help="output directory for shards, index and manifest")
@@ -330,10 +329,9 @@ def register(subparsers) -> None:
                    help="exit non-zero when more than this fraction of inputs is rejected (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_limit_args(p)
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     cfg = PrepareConfig(inputs=list(args.input), media_root=args.media_root, output=args.output,
                         tokenizer=args.tokenizer, shard_size=args.shard_size, workers=args.workers,
                         max_reject_fraction=args.max_reject_fraction, limits=limits_from_args(args),

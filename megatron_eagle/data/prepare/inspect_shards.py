@@ -107,16 +107,14 @@ def plot(s: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="counts and token/duration histograms of prepared shards",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle inspect`."""
     p.add_argument("path", help="prepared directory")
     p.add_argument("--plot", default=None, help="PNG path (default PATH/inspect.png)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         s = summarize(args.path)
     except (OSError, ValueError) as e:

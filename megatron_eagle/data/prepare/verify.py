@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_eagle.data.media import MediaError, MediaLimits, probe_image
-from megatron_eagle.data.shard_jobs import pool_context
-from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, file_sha256, find_shards,
-                                        index_meta, load_index, load_manifest, scan_tar, split_member_name)
-from megatron_eagle.data.video import probe_video
+from megatron_eagle.data.media.image import MediaError, MediaLimits, probe_image
+from megatron_eagle.data.media.video import probe_video
+from megatron_eagle.data.prepare.shard_jobs import pool_context
+from megatron_eagle.data.shards import (INDEX_NAME, REJECTS_NAME, file_sha256, find_shards, index_meta, load_index,
+                                        load_manifest, scan_tar, split_member_name)
 
 LOCATION_FIELDS = ("shard", "offset", "length", "members")
 VIDEO_FIELDS = ("duration", "fps", "frames", "width", "height")
@@ -164,16 +164,14 @@ def verify(root: str | Path, decode: bool = True, workers: int = 1) -> VerifyRep
     return rep
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("verify", help="check shards, index offsets, decoding and manifest counts",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle verify`."""
     p.add_argument("path", help="prepared directory")
     p.add_argument("--no-decode", action="store_true", help="skip decoding media (structure checks only)")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     rep = verify(args.path, decode=not args.no_decode, workers=args.workers)
     for e in rep.errors[:50]:
         print(f"ERROR {e}")

@@ -22,8 +22,8 @@ from typing import Optional, Union
 import numpy as np
 
 from megatron_eagle.config import ModelConfig
-from megatron_eagle.data.packing import SampleTable
-from megatron_eagle.data.plan_index import ads_config_for, table_from_prepared
+from megatron_eagle.data.packing.common import SampleTable
+from megatron_eagle.data.packing.plan_index import ads_config_for, table_from_prepared
 from megatron_eagle.data.shards import INDEX_NAME, load_manifest
 
 log = logging.getLogger("megatron_eagle.loader")

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_eagle.data.ads import ImagePlan, MediaPlan, VideoPlan, plan_sample
-from megatron_eagle.data.media import IMAGE_MEAN, IMAGE_STD, decode_image, normalize
-from megatron_eagle.data.prompt import IGNORE_INDEX, tokenize_conversation
-from megatron_eagle.data.sources import DataSource
-from megatron_eagle.data.video import decode_frames
+from megatron_eagle.data.loading.sources import DataSource
+from megatron_eagle.data.media.ads import ImagePlan, MediaPlan, VideoPlan, plan_sample
+from megatron_eagle.data.media.image import IMAGE_MEAN, IMAGE_STD, decode_image, normalize
+from megatron_eagle.data.media.prompt import IGNORE_INDEX, tokenize_conversation
+from megatron_eagle.data.media.video import decode_frames
 from megatron_eagle.models.batch import PackedBatch, loss_weights_for, pack_samples
 from megatron_eagle.parallel.vision_cp import tile_shares
 
@@ -385,7 +385,7 @@ class PackBuilder:
 
 def image_tiles_uint8(pil_image, grid: tuple[int, int], tile_size: int, lo: int = 0,
                       hi: Optional[int] = None) -> torch.Tensor:
-    """:func:`megatron_eagle.data.media.image_to_tiles` before normalisation: uint8 [n, 3, S, S], or only
+    """:func:`megatron_eagle.data.media.image.image_to_tiles` before normalisation: uint8 [n, 3, S, S], or only
     its tiles [lo, hi) (a CP share; the thumbnail is resized only when wanted).
 
     Same resize (bicubic to cols*S x rows*S), row-major tiles and thumbnail, but the tiles are cut

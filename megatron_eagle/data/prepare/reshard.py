@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_eagle.data.shard_jobs import clear_sidecars, run_shard_jobs
-from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR,
-                                        ShardReader, ShardSample, load_index, load_manifest, parse_size,
-                                        plan_shards, remove_stale, shard_name, shard_samples_from_source,
-                                        write_json_atomic, write_jsonl_atomic)
+from megatron_eagle.data.prepare.shard_jobs import clear_sidecars, run_shard_jobs
+from megatron_eagle.data.shards import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, WORK_DIR, ShardReader,
+                                        ShardSample, load_index, load_manifest, parse_size, plan_shards, remove_stale,
+                                        shard_name, shard_samples_from_source, write_json_atomic, write_jsonl_atomic)
 
 
 @dataclass
@@ -66,18 +65,16 @@ def reshard(src: str | Path, dst: str | Path, shard_size: int, workers: int = 1,
     return out
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("reshard", help="rewrite prepared shards at a new size (no raw media needed)",
-                              description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `megatron-eagle reshard`."""
     p.add_argument("path", help="prepared directory")
     p.add_argument("--shard-size", type=parse_size, required=True, help="new target shard size, e.g. 4GiB")
     p.add_argument("--output", required=True, help="new directory")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         m = reshard(args.path, args.output, args.shard_size, args.workers,
                     progress=not args.no_progress and sys.stderr.isatty())

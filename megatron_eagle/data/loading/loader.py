@@ -22,7 +22,7 @@ delivering for ``worker_timeout_s`` is replaced and the stream continues from th
 
 TP/CP ranks of one DP rank need the same token side: ``tp_mode="duplicate"`` (default) has each rank
 build it (deterministic, no communication, TP x CP x the tokenization); ``"broadcast"`` builds on
-the TP group's first rank and broadcasts over TP (:mod:`.batch_broadcast`). With CP > 1 each CP
+the TP group's first rank and broadcasts over TP (:mod:`.broadcast`). With CP > 1 each CP
 rank (``cp_rank``) decodes only its share of the pack's tiles, so the CPU decoding, host memory and
 host-to-device copies of pixels are split CP ways; under ``broadcast`` each CP rank's TP source
 builds that CP rank's share. Pipeline stages: the first stage decodes media; the others need
@@ -50,9 +50,10 @@ import numpy as np
 import torch
 
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_eagle.data.pack_builder import ROW_USED, LoaderBatch, PackBuilder, PackConfig, PackInfo, pack_config
-from megatron_eagle.data.plan import Plan
-from megatron_eagle.data.sources import DataSource, open_source
+from megatron_eagle.data.loading.pack_builder import (ROW_USED, LoaderBatch, PackBuilder, PackConfig, PackInfo,
+                                                      pack_config)
+from megatron_eagle.data.loading.sources import DataSource, open_source
+from megatron_eagle.data.packing.plan import Plan
 
 log = logging.getLogger("megatron_eagle.loader")
 REJECTED_NAMES_KEPT = 1000  # names of rejected samples kept in metrics() between resets
@@ -366,7 +367,7 @@ class StageLoader:
                 if items is not None:
                     batch, info = next(items)
                 if self.tp_mode == "broadcast":
-                    from megatron_eagle.data.batch_broadcast import broadcast_batch
+                    from megatron_eagle.data.loading.broadcast import broadcast_batch
 
                     batch, _ = broadcast_batch(batch, self._src_rank, self.tp_group)
                 self._metrics["wait_s"] += time.perf_counter() - t0
@@ -451,9 +452,9 @@ def build_stage_loader(curriculum: Any, stage: str, tokenizer: Any, model: Model
     with ``cache_dir`` (shared by all ranks, e.g. the run directory) the ADS tables are computed by
     one process and read by the others (:mod:`.table_cache`), and remote indexes are mirrored there.
     """
-    from megatron_eagle.data.curriculum import load_curriculum, plan_stage
-    from megatron_eagle.data.plan_index import table_from_prepared
-    from megatron_eagle.data.table_cache import cached_table
+    from megatron_eagle.data.loading.table_cache import cached_table
+    from megatron_eagle.data.packing.curriculum import load_curriculum, plan_stage
+    from megatron_eagle.data.packing.plan_index import table_from_prepared
     from megatron_eagle.tokenizer import load_tokenizer
 
     if isinstance(curriculum, (str, Path)):

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from megatron_eagle.data.media import MediaError, MediaLimits, image_ext, probe_image
-from megatron_eagle.data.prompt import (contains_special_token, count_text_tokens, placeholder_targets,
-                                        special_token_strings)
+from megatron_eagle.data.media.image import MediaError, MediaLimits, image_ext, probe_image
+from megatron_eagle.data.media.prompt import (contains_special_token, count_text_tokens, placeholder_targets,
+                                              special_token_strings)
+from megatron_eagle.data.media.video import probe_video, video_ext
 from megatron_eagle.data.shards import file_sha256
-from megatron_eagle.data.video import probe_video, video_ext
 
 REJECT_REASONS = (
     "malformed JSON", "missing field", "wrong type", "invalid value", "placeholder count mismatch",

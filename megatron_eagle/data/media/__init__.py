@@ -1,0 +1,1 @@
+"""Media and text of one sample: image and video probing/decoding, IAP tiling, ADS budgeting, prompts."""

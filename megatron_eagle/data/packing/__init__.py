@@ -1,0 +1,1 @@
+"""Planning: sample tables from an index, packers, cost model, schedule, pack plans, curriculum."""

@@ -1,0 +1,1 @@
+"""Writing and checking prepared directories: prepare, reshard, verify, inspect, the synthetic dataset."""
