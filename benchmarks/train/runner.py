@@ -82,7 +82,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    side, res = None, {}
+    side, res, config = None, {}, None
     t_build = time.perf_counter()
     try:
         side = side_factory()
@@ -114,7 +114,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
                    achieved_tflops_per_gpu=flops * dp / total_t / n_gpus / 1e12,
                    phases_ms={k: (statistics.mean([p[k] for p in phases if p[k] is not None])
                                   if any(p[k] is not None for p in phases) else None) for k in phases[0]},
-                   losses=losses, build_s=build_s, config=config)
+                   losses=losses, build_s=build_s)
         if isinstance(getattr(side, "params", None), int):  # ours: this rank's parameters, and whether the
             res["params"] = side.params                        # flat AdamW step is still bound (not fallen back)
             parts = getattr(side.optimizer, "chained_optimizers", [side.optimizer])
@@ -125,6 +125,8 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         res = dict(status="oom", error=str(e).splitlines()[0][:300])
     except Exception as e:  # noqa: BLE001 - record and go on with the next variant
         res = dict(status="error", error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-3000:])
+    if config is not None:
+        res["config"] = config
     if cuda:
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if res["status"] == "ok" else None
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
@@ -192,14 +194,14 @@ def worker(args) -> list[dict]:
             if v.side == "hf" and rt.world_size > 1:
                 continue
             if args.time_budget_s and time.time() - t_start > args.time_budget_s:
-                res = dict(status="skipped", error="time budget", config=v.options())
+                res = dict(status="skipped", error="time budget")
             elif v.side == "hf":
                 res = measure(lambda: HFSide(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
                               rt.world_size, dp, peak)
             else:
                 res = measure(lambda: OursSide(cfg, v, tp, device), packs, cfg, args.warmup, args.steps, device,
                               rt.world_size, dp, peak)
-            res.setdefault("config", v.options())  # a side that failed to build: the variant's options
+            res.setdefault("config", v.options())  # no side built: the variant's own options
             res.update(variant=v.name, side=v.side, seq_len=seq_len, preset=args.preset, world=rt.world_size,
                        tp=tp, dp=dp, packs=desc, **meta)
             results.append(res)
