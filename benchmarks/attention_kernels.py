@@ -39,6 +39,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.records import git_commit, options, write_json  # noqa: E402
+
 HQ, HKV, D = 12, 2, 128
 KINDS = ("long+short", "many-1-2K", "many-512", "single")
 
@@ -377,8 +379,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device("cuda")
     torch.backends.cudnn.version()  # loads torch's bundled libcudnn before the frontend dlopens one
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "env": env_info(),
-           "config": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16", "warmup": args.warmup, "reps": args.reps},
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": git_commit(),
+           "env": env_info(), "config": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16", **options(args)},
            "cases": []}
     print(json.dumps(res["env"], indent=1), flush=True)
     for total in args.totals:
@@ -404,8 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res["graphs_total"] = dict(ca.STATS)
     print("\n" + fmt_table(res["cases"] + ([res["non_causal_vit_heads"]] if isinstance(
         res.get("non_causal_vit_heads"), dict) and "pack" in res["non_causal_vit_heads"] else [])))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    write_json(Path(args.out), res)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,9 +1,15 @@
 #!/usr/bin/env python
 """GPU check of training/flat_adamw.py: the torch.compile'd fused AdamW kernel against the eager
 expression (same arithmetic) and its memory bandwidth on a 64M-element bucket shard, next to
-torch's fused AdamW + a separate bf16 copy on the same elements. Exit 1 if the results differ."""
+torch's fused AdamW + a separate bf16 copy on the same elements. Exit 1 if the results differ.
 
+    python benchmarks/check_flat_adamw.py                                    # GPU
+    python benchmarks/check_flat_adamw.py --device cpu --elements 100000     # CPU smoke test
+"""
+
+import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -13,9 +19,15 @@ import torch  # noqa: E402
 from megatron_eagle.training.flat_adamw import _kernel, adamw_update, pack_groups  # noqa: E402
 
 
-def _time_ms(fn, reps: int = 10) -> float:
+def _time_ms(fn, dev: torch.device, reps: int = 10) -> float:
+    """Mean milliseconds of ``fn()`` after 3 warm-up calls (CUDA events on a GPU)."""
     for _ in range(3):
         fn()
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
@@ -26,9 +38,13 @@ def _time_ms(fn, reps: int = 10) -> float:
     return s.elapsed_time(e) / reps
 
 
-def main() -> int:
-    dev = torch.device("cuda")
-    n = 64 * 2 ** 20
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=64 * 2 ** 20, help="bucket shard size (at least 400)")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    n = args.elements
     g = torch.Generator(device=dev).manual_seed(0)
     master = torch.randn(n, device=dev, generator=g)
     grad = torch.randn(n, device=dev, generator=g) * 1e-3
@@ -52,7 +68,8 @@ def main() -> int:
     bf16_diff = float((out_c.float() - out_e.float()).abs().max())
     print(f"bf16 params: max abs difference {bf16_diff:.1e}")
     ok = ok and bf16_diff <= float(out_e.float().abs().max()) * 2 ** -7
-    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, groups, lr_wd, scal, 0.9, 0.999, 1e-8))
+    t_flat = _time_ms(lambda: compiled(*state[:1], grad, *state[1:], out_c, groups, lr_wd, scal, 0.9, 0.999, 1e-8),
+                      dev)
     # torch's fused AdamW on the same elements (as 16 tensors), a clip pass and the bf16 copy
     ps = [p.requires_grad_(False) for p in master.clone().chunk(16)]
     grads = list(grad.clone().chunk(16))
@@ -66,7 +83,7 @@ def main() -> int:
         opt.step()
         torch._foreach_copy_(outs, ps)
 
-    t_torch = _time_ms(torch_path)
+    t_torch = _time_ms(torch_path, dev)
     flat_bytes = n * 30  # read g, p, m, v (16); write p, m, v (12) + bf16 (2); + 1 bit of group
     print(f"flat fused kernel: {t_flat:.2f} ms = {flat_bytes / t_flat / 1e6:.0f} GB/s for {n / 1e6:.0f}M elements")
     print(f"torch clip + fused AdamW + bf16 copy: {t_torch:.2f} ms ({t_torch / t_flat:.2f}x the flat kernel)")

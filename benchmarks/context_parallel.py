@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Context parallelism: tokens/s and peak memory per CP variant against CP=1 (issue 6).
+"""Context parallelism: tokens/s and peak memory per CP variant against CP=1.
 
 For each packed length (default 32K, 64K, 128K) and each configuration on the same N GPUs:
 
@@ -9,12 +9,14 @@ For each packed length (default 32K, 64K, 128K) and each configuration on the sa
   pack of L tokens per step over the N GPUs.
 
 Every configuration is one ``torchrun`` launch (an out-of-memory rank ends only its launch) doing
-the trainer's step: megatron DDP + DistributedOptimizer, ``training.step.forward_backward``,
-guarded AdamW step, bf16, full LLM and ViT recompute by default (``--recompute``). Packs are
+the trainer's step: megatron DDP + DistributedOptimizer built by the trainer's setup
+(``training.setup.build_training_state``), ``training.step.forward_backward``, guarded AdamW
+step, bf16, full LLM and ViT recompute by default (``--recompute``). Packs are
 long-context mixes: one long video (~70% of the pack, 256+6 tokens per frame) plus images and text.
 All configurations see the same first pack and initial weights, so the first-step losses
 should agree (bf16 round-off) — printed as a cross-check. ``--check`` first compares each CP
-variant's attention (flash kernels, NCCL) with single-GPU attention on this machine.
+variant's attention (flash kernels, NCCL) with single-GPU attention on this machine. Each JSON
+record names its ``variant``, the ``commit`` of the checkout and the resolved options as ``config``.
 
     # 2 GPUs, everything (one run; ~10-20 min); 4 GPUs: --nproc 4
     python benchmarks/context_parallel.py --nproc 2 --check --out benchmarks/results/context_parallel.json \\
@@ -46,6 +48,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from benchmarks.records import append_json, git_commit  # noqa: E402
 
 CONFIGS = ("cp1", "ring", "allgather", "ulysses", "hybrid")
 IGNORE = -100
@@ -248,18 +252,17 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
 def worker(args) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron_eagle.config import FreezeConfig, ParallelConfig, preset_model_config
-    from megatron_eagle.models.eagle import build_model
     from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, shutdown
     from megatron_eagle.training.flops import step_flops
-    from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_eagle.training.optimizer import OptimConfig
+    from megatron_eagle.training.setup import build_training_state
     from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
 
     rt = init_distributed()
     cuda = rt.device.type == "cuda"
-    rec = dict(config=args.config, seq_len=args.seq_len[0], preset=args.preset, world=rt.world_size,
+    rec = dict(variant=args.config, seq_len=args.seq_len[0], preset=args.preset, world=rt.world_size,
                torch=torch.__version__, device=(f"{rt.world_size}x {torch.cuda.get_device_name(rt.device)}"
                                                 if cuda else f"{rt.world_size}x cpu"))
     try:
@@ -283,16 +286,15 @@ def worker(args) -> None:
                              cp_ulysses=args.hybrid_ulysses if args.config == "hybrid" else 0)
         rec.update(tp=tp, cp=cp, dp=rt.world_size // (cp * tp),
                    ulysses=args.hybrid_ulysses if args.config == "hybrid" else None)
+        optim = OptimConfig(lr=1e-5, grad_reduce_in_fp32=not args.grad_bf16)
+        rec["config"] = dict(tp=tp, sp=par.sp, cp=cp, cp_variant=par.cp_variant, cp_ulysses=par.cp_ulysses,
+                             recompute_llm=cfg.recompute_llm, recompute_vision=cfg.recompute_vision,
+                             grad_reduce_in_fp32=optim.grad_reduce_in_fp32, params_dtype=cfg.params_dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        model = build_model(cfg, par, chunk_tokens=2048)
+        state = build_training_state(cfg, par, optim, chunk_tokens=2048)
+        model, ddp, optimizer = state.model, state.ddp, state.optimizer
         rec["cp_layout"] = (f"U{model.cp_ctx.ulysses}xR{model.cp_ctx.ring}" if model.cp_ctx is not None else None)
-        optim = OptimConfig(lr=1e-5, grad_reduce_in_fp32=not args.grad_bf16)
-        ddp = wrap_ddp(model, optim, cfg.params_dtype == "bfloat16")
-        ddp.config.finalize_model_grads_func = finalize_model_grads
-        ddp.config.no_sync_func = ddp.no_sync
-        optimizer = build_optimizer([ddp], optim, cfg.params_dtype == "bfloat16")
-        optimizer.reload_model_params()
         dp_rank = ps.get_data_parallel_rank()
         packs = [long_pack(cfg, args.seq_len[0], seed=1000 * dp_rank + i).to(rt.device) for i in range(args.packs)]
         rec["tiles"] = [int(p.pixel_values.shape[0]) for p in packs]
@@ -366,14 +368,14 @@ def launch(args, config: str, seq: int, check: bool, attn: bool) -> dict:
         return dict(recs[bad[0][1]], error=f"rank {bad[0][1]}: {recs[bad[0][1]].get('error')}")
     if 0 in recs:
         return recs[0]
-    return dict(config=config, seq_len=seq, preset=args.preset, world=args.nproc, tp=args.tp, status="error",
+    return dict(variant=config, seq_len=seq, preset=args.preset, world=args.nproc, tp=args.tp, status="error",
                 error=f"launch exit {rc} after {time.time() - t0:.0f}s")
 
 
 def markdown(results: list[dict]) -> str:
     """Throughput table; "vs CP=1" compares tokens/s at the same length, "FLOP/s vs CP=1 @ shortest"
     compares model TFLOP/s per GPU with CP=1 at the shortest length measured (attention-normalised)."""
-    base = {(r["preset"], r["seq_len"]): r for r in results if r["config"] == "cp1" and r["status"] == "ok"}
+    base = {(r["preset"], r["seq_len"]): r for r in results if r["variant"] == "cp1" and r["status"] == "ok"}
     short = {}
     for (preset, seq), r in sorted(base.items()):
         short.setdefault(preset, r)
@@ -383,13 +385,13 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         ok = r["status"] == "ok"
         b, s0 = base.get((r["preset"], r["seq_len"])), short.get(r["preset"])
-        vs = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok and b and r["config"] != "cp1" else "-"
+        vs = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok and b and r["variant"] != "cp1" else "-"
         vs0 = (f"{r['tflops_per_gpu'] / s0['tflops_per_gpu']:.2f}x" if ok and s0 and r is not s0
                and r.get("tflops_per_gpu") and s0.get("tflops_per_gpu") else "-")
         layout = r.get("cp_layout") or "-"
         layout = (f"TP{r['tp']}x" if (r.get("tp") or 1) > 1 else "") + (
-            f"DP{r.get('dp')}" if r["config"] == "cp1" else layout)
-        lines.append(f"| {r['world']} | {r['preset']} | {r['seq_len']} | {r['config']} | {layout} | {r['status']} | "
+            f"DP{r.get('dp')}" if r["variant"] == "cp1" else layout)
+        lines.append(f"| {r['world']} | {r['preset']} | {r['seq_len']} | {r['variant']} | {layout} | {r['status']} | "
                      f"{f(r.get('step_s'), 2) if ok else '-'} | {f(r.get('tokens_per_s')) if ok else '-'} | "
                      f"{f(r.get('tokens_per_s_per_gpu')) if ok else '-'} | {vs} | "
                      f"{f(r.get('tflops_per_gpu'), 1) if ok else '-'} | {vs0} | {f(r.get('peak_gib'), 1)} | "
@@ -447,7 +449,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     command = "python benchmarks/context_parallel.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results, check, attn = [], args.check, args.attn_bench
+    results, check, attn, commit = [], args.check, args.attn_bench, git_commit()
     t_start = time.time()
     cp_size = args.nproc // args.tp
     for seq in args.seq_len:
@@ -460,7 +462,7 @@ def main(argv=None) -> int:
             first_cp = config != "cp1"
             r = launch(args, config, seq, check and first_cp, attn and first_cp)
             check, attn = check and not first_cp, attn and not first_cp  # once, in the first CP launch
-            r.update(date=args.date, command=command)
+            r.update(date=args.date, command=command, commit=commit)
             results.append(r)
             print(f"# {config} seq {seq}: {r['status']} "
                   + (f"{r['tokens_per_s']:.0f} tok/s, peak {r.get('peak_gib')} GiB, loss {r['first_loss']}"
@@ -472,9 +474,7 @@ def main(argv=None) -> int:
     table += "".join("\n" + attention_markdown(r["attention"]) for r in results if "attention" in r)
     print(table, flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(old + results, indent=1) + "\n")
+        append_json(args.out, results)
     if args.md_out:
         args.md_out.parent.mkdir(parents=True, exist_ok=True)
         args.md_out.write_text(table)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-6 GPU sweep on 4 GPUs (BENCHMARKS.md, "Context parallelism"). From the repo root:
+# GPU sweeps of benchmarks/context_parallel.py on 4 GPUs (BENCHMARKS.md, "Context parallelism"). From the repo root:
 #   benchmarks/context_parallel_sweep.sh a OUTDIR  # eagle2.5-2b CP=1 @32K; eagle2.5-8b @128K (CP=4); attention alone
 #                                                  # vs 1-GPU flash; eagle2.5-2b every CP=4 variant @128K
 #   benchmarks/context_parallel_sweep.sh b OUTDIR  # eagle2.5-8b TP2xCP2 @128K; eagle2.5-2b CP=4 @64K
@@ -24,8 +24,8 @@ elif [ "$mode" = b ]; then
      --time-budget-s $(( ${LIMIT:-560} - SECONDS - 120 )) 2>&1 | tee -a "$out/log.txt"
 fi
 python3 -c "
-import json, sys; sys.path.insert(0, 'benchmarks')
-from context_parallel import markdown, attention_markdown
+import json, sys; sys.path.insert(0, '.')
+from benchmarks.context_parallel import markdown, attention_markdown
 r = json.load(open('$out/cp.json'))
 open('$out/cp.md', 'w').write(markdown(r) + ''.join('\n' + attention_markdown(x['attention']) for x in r if 'attention' in x))
 "

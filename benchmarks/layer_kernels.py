@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -38,6 +37,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.records import git_commit, options, write_json  # noqa: E402
 
 
 def time_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
@@ -265,7 +266,7 @@ def rope_case(tokens: int, reps: int) -> dict:
         q, k, _ = torch.split(qkv, [6 * d, d, d], dim=-1)
         return q.reshape(tokens, 1, 12, d), k
 
-    def rotate(t, f):  # cos/sin computed inside each call's kernel (the third session's code)
+    def rotate(t, f):  # cos/sin computed inside each call's kernel
         return rotate_cos_sin(t, torch.cos(f).to(t.dtype), torch.sin(f).to(t.dtype))
 
     comp = torch.compile(rotate, dynamic=True)
@@ -297,8 +298,9 @@ def main(argv=None) -> int:
         print("needs a GPU")
         return 2
     torch.manual_seed(0)
-    res = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "cases": []}
+    res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "config": options(args),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cudnn": torch.backends.cudnn.version(), "cases": []}
     run = {"bias": lambda: [bias_gemm_case(args.tiles * 1024, args.reps)],
            "attention": lambda: [vit_attention_case(args.tiles, args.reps)],
            "layernorm": lambda: layernorm_cases(args.tiles * 1024, args.reps),
@@ -307,8 +309,7 @@ def main(argv=None) -> int:
     for name in args.cases:
         res["cases"] += run[name]()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
     return 0
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks.records import git_commit, options, write_json  # noqa: E402
 
 
 def _cpu_s() -> float:
@@ -34,8 +35,9 @@ def _cpu_s() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def make_data(root: Path, n_images: int, n_videos: int) -> dict[str, Path]:
-    from video_decode import encode
+def make_data(root: Path, n_images: int, n_videos: int,
+              video_seconds: tuple[int, ...] = (30, 60, 90)) -> dict[str, Path]:
+    from benchmarks.video_decode import encode
 
     from megatron_eagle.data.prepare.pipeline import PrepareConfig, prepare
     from tests.media_factory import conv, tiny_tokenizer_dir, write_image, write_jsonl
@@ -44,7 +46,7 @@ def make_data(root: Path, n_images: int, n_videos: int) -> dict[str, Path]:
     sizes = [(1920, 1080), (1280, 960), (1024, 1366), (800, 600), (1700, 2200), (1600, 1200)]
     for i, (w, h) in enumerate(sizes):
         write_image(media / f"img/{i}.jpg", w, h, "JPEG", seed=i)
-    vids = [30, 60, 90]
+    vids = list(video_seconds)
     (media / "vid").mkdir(parents=True, exist_ok=True)
     for s in vids:
         encode(media / f"vid/{s}.mp4", "h264", s, 30, (640, 360), 60)
@@ -57,7 +59,7 @@ def make_data(root: Path, n_images: int, n_videos: int) -> dict[str, Path]:
             img_rows.append({"id": f"i{i}", "image": f"img/{i % 6}.jpg",
                              "conversations": conv("<image>\nDescribe the picture.", "A colour gradient.")})
     for i in range(n_videos):
-        vid_rows.append({"id": f"v{i}", "video": f"vid/{vids[i % 3]}.mp4",
+        vid_rows.append({"id": f"v{i}", "video": f"vid/{vids[i % len(vids)]}.mp4",
                          "conversations": conv("<video>\nWhat moves?", "A white block moves right.")})
     out = {}
     for name, rows in (("images", img_rows), ("videos", vid_rows)):
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packs", type=int, default=8, help="packs timed per configuration")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-tp", action="store_true", help="skip the duplicate-vs-broadcast run")
+    ap.add_argument("--video-seconds", type=int, nargs="+", default=[30, 60, 90], help="lengths of the test videos")
     ap.add_argument("--json", default=None)
     ap.add_argument("--nccl", type=int, nargs=3, metavar=("TOKENS", "TILES", "SIZE"),
                     help="only the GPU part: 2 GPUs, synthetic micro-batches of this size (e.g. 32768 118 448)")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_nccl(*args.nccl)
         print(json.dumps(res, indent=1))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
+            write_json(Path(args.json), {"commit": git_commit(), "config": options(args), **res})
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        data = make_data(Path(d), n_images=12 * args.packs, n_videos=args.packs + 2)
+        data = make_data(Path(d), n_images=12 * args.packs, n_videos=args.packs + 2,
+                         video_seconds=tuple(args.video_seconds))
         print(f"data prepared in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         rows = []
         for name in ("images", "videos"):
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['cpu_s_per_pack_rank0']:.2f} | "
                   f"{r['cpu_s_per_pack_rank1']:.2f} | {r['broadcast_s_per_pack']:.3f} | {r['pixel_mb_per_pack']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seq_len": args.seq_len, "loader": rows, "tp": tp}, indent=1))
+        write_json(Path(args.json), {"commit": git_commit(), "config": options(args), "seq_len": args.seq_len,
+                                     "loader": rows, "tp": tp})
     return 0
 
 

@@ -21,7 +21,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -32,6 +31,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.records import git_commit, options, write_json  # noqa: E402
 
 from megatron_eagle.data.packing.length_mix import realistic_mix  # noqa: E402
 from megatron_eagle.data.packing.plan import PlanSpec, make_plan  # noqa: E402
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
                 bar.update(1)
                 bar.set_postfix(L=L, dp=dp, packer=packer, plan_s=f"{s['timing']['plan_s']:.1f}")
     bar.close()
-    return {"machine": args.machine, "date": args.date, "python": platform.python_version(),
+    return {"machine": args.machine, "date": args.date, "commit": git_commit(),
+            "config": options(args, ("out", "date", "machine")), "python": platform.python_version(),
             "numpy": np.__version__, "samples": args.samples, "seed": args.seed, "cost_model": args.cost_model,
             "tflops_assumed": plan.spec.tflops, "json_write": {"seconds": json_write_s, "megabytes": json_mb},
             "rows": rows}, hist
@@ -125,7 +127,7 @@ def plot(hist: dict, dp: int, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=10_000_000)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
@@ -136,12 +138,11 @@ def main() -> int:
     p.add_argument("--machine", default="CPU dev box, 2 cores")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--out", type=Path, default=RESULTS / "packing.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.hist_dp not in args.dps:
         args.hist_dp = args.dps[len(args.dps) // 2]
     res, hist = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
     md = markdown(res)
     args.out.with_suffix(".md").write_text(md)
     plot(hist, args.hist_dp, args.out.with_name(args.out.stem + "_steps.png"))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""`megatron-eagle plan --data` speed: ADS over a prepared index, before and after issue-4 follow-up.
+"""`megatron-eagle plan --data` speed: ADS over a prepared index against a per-record reference.
 
 Writes a synthetic ``index.jsonl`` of N records (50% images of 1-3 random sizes from a pool of
 common camera/screen resolutions plus random ones, 35% videos of 5-600 s, 15% text), then times
-``table_from_prepared`` (counts-only ADS, memoised grids, spawned workers) against the previous
+``table_from_prepared`` (counts-only ADS, memoised grids, spawned workers) against the reference
 path (full ``plan_sample`` per record, one process), checks both tables are equal, and prints
 records/s.
 
@@ -46,8 +46,8 @@ def write_index(path: Path, n: int, seed: int = 0) -> None:
     (path / "manifest.json").write_text("{}")
 
 
-def legacy_table(root: Path, seq_len: int):
-    """The path before: iter_index + plan_sample (frame indices and timestamps built) per record."""
+def reference_table(root: Path, seq_len: int):
+    """The reference: iter_index + plan_sample (frame indices and timestamps built) per record."""
     from megatron_eagle.data.media.ads import ImagePlan, plan_sample
     from megatron_eagle.data.packing.plan_index import ads_config_for
     from megatron_eagle.data.shards import iter_index
@@ -78,16 +78,18 @@ def main(argv=None) -> int:
         root = Path(tmp)
         write_index(root, args.records)
         t = time.perf_counter()
-        ref = legacy_table(root, args.seq_len)
+        ref = reference_table(root, args.seq_len)
         t_old = time.perf_counter() - t
-        print(f"before (plan_sample per record, 1 process): {args.records / t_old:,.0f} records/s ({t_old:.1f} s)")
+        print(f"reference (plan_sample per record, 1 process): {args.records / t_old:,.0f} records/s "
+              f"({t_old:.1f} s)")
         for w in args.workers:
             tiling._choose_grid.cache_clear()
             t = time.perf_counter()
             table, _ = table_from_prepared([root], args.seq_len, workers=w)
             dt = time.perf_counter() - t
             assert table.length.tolist() == ref[0] and table.tiles.tolist() == ref[1], "tables differ"
-            print(f"now, {w} worker(s): {args.records / dt:,.0f} records/s ({dt:.1f} s, {t_old / dt:.1f}x); "
+            print(f"table_from_prepared, {w} worker(s): {args.records / dt:,.0f} records/s "
+                  f"({dt:.1f} s, {t_old / dt:.1f}x); "
                   f"10M records: {1e7 / (args.records / dt) / 60:.1f} min")
     return 0
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The issue-8 GPU sweep (BENCHMARKS.md, "Training throughput"). Usage, from the repo root:
-#   benchmarks/train_throughput_sweep.sh single OUTDIR   # 1 GPU: HF vs ours at 8K, 32K, 64K; the optimization ladder
+# GPU sweeps of benchmarks/train_throughput.py (BENCHMARKS.md, "Training throughput"). From the repo root:
+#   benchmarks/train_throughput_sweep.sh single OUTDIR   # 1 GPU: HF vs ours at 8K, 32K, 64K; each option alone
 #   benchmarks/train_throughput_sweep.sh multi OUTDIR    # 4 GPUs: DP/TP scaling at 8K; eagle2.5-8b at 32K on 4 ranks
 #   benchmarks/train_throughput_sweep.sh mfu OUTDIR      # 1 GPU, 8K: the flat AdamW step, gradient accumulation
 #                                                        # (mbN), a kernel profile (VARIANTS_8K, VARIANTS_32K override)
 #   benchmarks/train_throughput_sweep.sh scale OUTDIR    # 4 GPUs, today's defaults: eagle2.5-8b at 32K on 4 ranks,
 #                                                        # then DP 1/2/4 at 8K (MEM_CAP=79.18 on H200s: an H100's memory)
 #   benchmarks/train_throughput_sweep.sh kernels OUTDIR  # 1 GPU, 8K: sub-layer kernel candidates, then the step's
-#                                                        # GPU kernel time with and without the fourth session's changes
+#                                                        # GPU kernel time (profiled) and wall time
 #   benchmarks/train_throughput_sweep.sh dp2 OUTDIR      # 2 GPUs, 8K: 1 GPU vs DP 2 (reduce-scatter overlapped or
 #                                                        # not, bf16 grads) vs TP 2 + SP, the same packs on both ranks
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
@@ -18,15 +18,11 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 B="python3 benchmarks/train_throughput.py --out $out/runs.json --raw-out $out/raw.json --date ${DATE:-$(date +%F)}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 if [ "$mode" = single ]; then
-  # 8K: HF baselines; the optimization ladder (each step adds one change; legacy-* = before issue 8)
+  # 8K: HF baselines; the defaults; each user option against them
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --check-attention --time-budget-s ${BUDGET_8K:-300} \
      --md-out "$out/t8k.md" --variants \
-     hf hf+nomask hf+gc ours ours+rc-vit \
-     ours+rc-vit+legacy-head+legacy-gqa+foreach-adam+no-swiglu+legacy-rope+local-mt \
-     ours+rc-vit+legacy-gqa+foreach-adam+no-swiglu+legacy-rope+local-mt \
-     ours+rc-vit+foreach-adam+no-swiglu+legacy-rope+local-mt ours+rc-vit+no-swiglu+legacy-rope+local-mt \
-     ours+rc-vit+legacy-rope+local-mt ours+rc-vit+local-mt ours+legacy-rope+local-mt \
-     ours+rc-vit+rc-llm-sel ours+offload-vit 2>&1 | tee "$out/log8k.txt"
+     hf hf+nomask hf+gc ours ours+rc-vit ours+no-swiglu ours+no-flat-adam ours+grad-bf16 ours+cudnn-attn \
+     ours+flash-attn ours+rc-vit+rc-llm-sel ours+offload-vit 2>&1 | tee "$out/log8k.txt"
   $B --preset eagle2.5-2b --seq-len 32768 65536 --steps 3 --warmup 1 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) \
      --md-out "$out/tlong.md" --variants \
      ours+rc-vit+rc-llm ours+rc-vit+rc-llm-16 hf+gc hf 2>&1 | tee "$out/loglong.txt"
@@ -63,7 +59,7 @@ elif [ "$mode" = kernels ]; then
   python3 benchmarks/layer_kernels.py --out "$out/layer_kernels.json" 2>&1 | tee "$out/layer_kernels.txt"
   BENCH_PROFILE_CPU=1 $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --repeat ${REPEAT:-1} \
      --time-budget-s $(( ${LIMIT:-560} - SECONDS - 30 )) --md-out "$out/t8k.md" --variants \
-     ours+prof ours+no-bias-gemm+rope-per-call+prof ours ours+no-bias-gemm+rope-per-call ours+mb4 hf+gc \
+     ours+prof ours ours+mb4 hf+gc \
      2>&1 | tee "$out/log8k.txt"
 elif [ "$mode" = dp2 ]; then
   $B --preset eagle2.5-2b --seq-len 8192 --steps 6 --warmup 3 --launch-timeout-s 150 --layouts 1x1 2x1 \

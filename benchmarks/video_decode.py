@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.records import git_commit, options, write_json  # noqa: E402
+
 from megatron_eagle.data.media.ads import sample_frame_indices  # noqa: E402
 from megatron_eagle.data.media.video import decode_all_frames, decode_frames, probe_video  # noqa: E402
 
@@ -110,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['codec']} | {r['seconds']:g} s | {r['frames_in_video']} | {r['planned']} | {r['sparse_s']:.3f} | "
               f"{r['full_s']:.3f} | {r['sparse_planned_fps']:.0f} | {r['full_planned_fps']:.0f} | "
               f"{r['full_decoded_fps']:.0f} | {r['speedup']:.1f}x |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.json:  # one record per row, each with the run's commit and options
+        commit, config = git_commit(), options(args)
+        write_json(Path(args.json), [dict(r, commit=commit, config=config) for r in rows])
     return 0
 
 

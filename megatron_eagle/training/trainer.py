@@ -20,18 +20,17 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import finalize_model_grads
 
 from megatron_eagle.config import ConfigError
 from megatron_eagle.data.loading.pack_builder import pack_tile_count
-from megatron_eagle.models.eagle import build_model
 from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, replica_group
 from megatron_eagle.training.agreement import agree_on_batches, rejected_rows
 from megatron_eagle.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from megatron_eagle.training.flops import step_flops
 from megatron_eagle.training.metrics import MetricsWriter, peak_memory_gib
-from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from megatron_eagle.training.optimizer import OptimConfig, build_scheduler
 from megatron_eagle.training.run_config import RunConfig, check_stage_layout
+from megatron_eagle.training.setup import build_training_state
 from megatron_eagle.training.signals import PreemptionFlag
 from megatron_eagle.training.step import forward_backward, finish_step, prepare_step
 
@@ -102,20 +101,15 @@ class Trainer:
         par = stage.parallel
         init_model_parallel(par.tp, par.pp, par.cp, seed=cfg.seed)
         model_cfg = dataclasses.replace(cfg.model, freeze=stage.freeze())
-        model = build_model(model_cfg, par, chunk_tokens=cfg.loss.chunk_tokens)
-        if weights is None:
-            self._init_weights(model)
-        bf16 = model_cfg.params_dtype == "bfloat16"
         optim = OptimConfig(lr=stage.lr.peak, min_lr=stage.lr.min, weight_decay=cfg.optim.weight_decay,
                             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2,
                             adam_eps=cfg.optim.adam_eps, clip_grad=cfg.optim.clip_grad,
                             warmup_fraction=stage.lr.warmup, decay_style=stage.lr.decay,
                             grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32, flat_adamw=cfg.optim.flat_adamw,
                             overlap_grad_reduce=cfg.optim.overlap_grad_reduce)
-        ddp = wrap_ddp(model, optim, bf16)
-        ddp.config.finalize_model_grads_func = finalize_model_grads
-        ddp.config.no_sync_func = ddp.no_sync  # reduce grads once per step, not per micro-batch
-        optimizer = build_optimizer([ddp], optim, bf16)
+        state = build_training_state(model_cfg, par, optim, chunk_tokens=cfg.loss.chunk_tokens,
+                                     before_wrap=self._init_weights if weights is None else None)
+        ddp, optimizer = state.ddp, state.optimizer
         loader = build_stage_loader(
             self.curriculum, stage.name, self.tokenizer, model_cfg, world_size=self.world,
             dp_rank=ps.get_data_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),

@@ -1,0 +1,95 @@
+"""models/rope.py: the sync-free packed RoPE against megatron's, the fused rotation expression and
+the cos/sin cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+
+
+def _packed_rope_cases(rank, world):
+    from megatron_eagle.runtime.distributed import init_model_parallel
+
+    init_model_parallel()
+    return _rope_cases()
+
+
+def _rope_cases():
+    """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1): the
+    cos/sin-once path (twice: the second call reads the cache) and, with FUSED off, megatron's ops."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_eagle.models import rope
+
+    g = torch.Generator().manual_seed(1)
+    cp = ps.get_context_parallel_group()
+    cases = []
+    for rot_pct in (1.0, 0.5):
+        emb = RotaryEmbedding(kv_channels=16, rotary_percent=rot_pct, rotary_base=10000)
+        for lens in ([5, 1, 17, 9], [32], [1, 1, 1], [7, 25]):
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+            for dtype in (torch.float32, torch.bfloat16):
+                t = torch.randn(sum(lens), 3, 16, generator=g).to(dtype)
+                for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
+                    freqs = emb(max_len, packed_seq=True)
+                    want = rope._ORIGINAL(t, cu, freqs, cp_group=cp)
+                    for _ in range(2):
+                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                    rope.FUSED = False
+                    try:
+                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
+                    finally:
+                        rope.FUSED = True
+    pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
+    return cases, pos.tolist()
+
+
+def test_packed_rope_equals_megatron():
+    cases, pos = run_distributed(_packed_rope_cases, 1, timeout=120)[0]
+    assert pos == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+    for got, want in cases:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_expression_equals_megatron(dtype):
+    """``rope.rotate_cos_sin`` (what is torch.compile'd on GPUs) is megatron's bshd rotation op for
+    op: same outputs and input gradients, with partial rotary dims and mscale."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_eagle.models import rope
+
+    g = torch.Generator().manual_seed(0)
+    for d, rot, mscale in ((16, 16, 1.0), (16, 8, 0.7)):
+        t = torch.randn(11, 1, 3, d, generator=g).to(dtype).requires_grad_()
+        freqs = torch.randn(11, 1, 1, rot, generator=g)
+        w = torch.randn(11, 1, 3, d, generator=g).to(dtype)
+        cos, sin = ((f(freqs) * mscale).to(dtype) for f in (torch.cos, torch.sin))
+        out = rope.rotate_cos_sin(t, cos, sin)
+        ref = rope_utils._apply_rotary_pos_emb_bshd(t, freqs, mscale=mscale)
+        assert torch.equal(out, ref)
+        (ga,), (gb,) = (torch.autograd.grad((o.float() * w.float()).sum(), t) for o in (out, ref))
+        assert torch.equal(ga, gb)
+
+
+def test_packed_cos_sin_cache_hits_and_misses():
+    """cos/sin are computed once per (freqs, cu_seqlens) pair; another pack, an in-place change or
+    another dtype recomputes them."""
+    from megatron_eagle.models import rope
+
+    freqs = torch.randn(16, 1, 1, 8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    a = rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)
+    assert rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
+    pos = rope.packed_positions(cu, 12)
+    torch.testing.assert_close(a[0], torch.cos(freqs[pos]).reshape(12, 1, 8), rtol=0, atol=0)
+    cu2 = torch.tensor([0, 5, 12], dtype=torch.int32)  # equal values, another pack
+    assert rope.packed_cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
+    b = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert b[0].dtype == torch.bfloat16
+    freqs.mul_(2)  # in place: the version moves
+    c = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert c[0] is not b[0] and not torch.equal(c[0], b[0])
