@@ -56,7 +56,7 @@ IGNORE = -100
 def long_pack(cfg, seq_len: int, seed: int, video_share: float = 0.7):
     """Exactly ``seq_len`` tokens: one long video (frames of tokens_per_tile + 6 wrapper tokens), then
     images (1-7 tiles) and text samples; only answers (40% of each sample's text) are supervised."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +111,7 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
     from megatron_eagle.parallel.cp_split import split_batch
     from megatron_eagle.parallel.groups import build_cp_context
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     init_model_parallel(1, 1, world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -189,7 +189,7 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
     import torch.distributed as dist
 
     from megatron_eagle.config import ParallelConfig, preset_model_config
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
     from megatron_eagle.parallel import kernels
     from megatron_eagle.parallel.cp_attention import cp_attention
     from megatron_eagle.parallel.cp_split import split_batch

@@ -173,7 +173,7 @@ def make_pack(cfg, seq_len: int, seed: int, mix=(0.5, 0.35, 0.15), max_frames: i
     videos of 8-``max_frames`` frames (one tile + 6 wrapper tokens each), text-only samples; random ids
     with <IMG_CONTEXT> runs for the visual tokens and random tiles. Each sample's text is 60% prompt
     before the media and 40% answer after it; only the answer is supervised."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -712,7 +712,9 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         if isinstance(getattr(side, "params", None), int):  # ours: this rank's parameters, and whether the
             res["params"] = side.params                        # flat AdamW step is still bound (not fallen back)
             parts = getattr(side.optimizer, "chained_optimizers", [side.optimizer])
-            res["flat_adamw_active"] = any(getattr(p, "flat_adamw", None) is not None for p in parts)
+            from megatron_eagle.training import flat_adamw
+
+            res["flat_adamw_active"] = any(flat_adamw.installed(p) is not None for p in parts)
         if cuda and getattr(getattr(side, "v", None), "profile", False):
             res["kernels"] = profile_step(side, groups[0])
     except torch.OutOfMemoryError as e:

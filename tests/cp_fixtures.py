@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_eagle.models.batch import IGNORE_INDEX, PackedBatch, loss_weights_for
+from megatron_eagle.batch import IGNORE_INDEX, PackedBatch, loss_weights_for
 
 # sub-sample lengths: 1s, lengths not divisible by 2*cp, a long one, tail padding as its own segment
 AWKWARD_LENGTHS = [1, 7, 13, 2, 30, 1, 5, 19]
@@ -92,7 +92,7 @@ def attention_case(variant: str, cp: int, lengths, hq: int, hk: int, d: int = 8,
 def awkward_mixed_pack(cfg, seed: int = 0, pad_to_multiple: int = 16) -> PackedBatch:
     """Images/frames and text with random lengths (1-token samples, lengths not divisible by 2*cp,
     a sample without supervision) and tail padding as its own segment."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     g = torch.Generator().manual_seed(seed)
     tpt, img, vocab = cfg.tokens_per_tile, cfg.image_token_id, cfg.llm.vocab_size
@@ -126,7 +126,7 @@ def lopsided_pack(vocab: int = 512) -> PackedBatch:
 def one_tile_pack(cfg) -> PackedBatch:
     """One tile whose 16 visual slots all sit in zigzag chunk 0 at cp=2: rank 1 neither encodes
     a tile nor owns a slot, yet must take part in the routing all-to-all."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     g = torch.Generator().manual_seed(7)
     tpt = cfg.tokens_per_tile
