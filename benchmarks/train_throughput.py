@@ -34,21 +34,13 @@ memory is recorded with ``null`` numbers.
 Variant tokens after ``ours``: ``rc-vit`` (full ViT recompute), ``rc-llm`` (full LLM recompute),
 ``rc-llm-sel`` (selective: core attention), ``rc-llm-N`` (recompute N LLM layers, block method),
 ``swiglu`` / ``no-swiglu`` (megatron's fused SwiGLU, torch.compile; the default on GPUs),
-``foreach-adam`` (torch's multi-tensor AdamW instead of fused), ``legacy-head`` (the old fp32
-LM-head GEMM), ``legacy-gqa`` (repeat K/V heads before flash), ``legacy-rope`` (megatron's THD
-RoPE with its per-layer host syncs), ``local-mt`` (megatron's per-tensor grad-norm/clip loops
-instead of foreach kernels), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
+``foreach-adam`` (torch's multi-tensor AdamW instead of fused), ``offload-vit`` (ViT activations saved on the CPU), ``grad-bf16`` (bf16 grad
 buffers), ``overlap`` (also overlap the param all-gather with the forward; ``no-overlap-grad``: the grad
 reduce-scatter after the backward instead of during it, the default before the fourth session),
 ``sp`` (sequence parallelism when TP > 1), ``cudnn-attn`` / ``flash-attn`` (the LLM's packed
 attention on cuDNN's fused SDPA through cudnn-frontend / on FlashAttention-2), ``no-flat-adam``
 (megatron's per-parameter AdamW step, clip and param copy instead of the flat fused one),
-``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way), ``rope-per-call``
-(RoPE cos/sin recomputed in every call, the third session's code), ``vit-sdpa`` (the ViT's attention
-through SDPA after megatron's ``torch.split``: copies around the kernel, the fourth session's code),
-``loss-sync`` (the losses read before the optimizer's host bookkeeping, which then ran with the GPU idle),
-``device-counts`` (visual slots and supervised positions counted on the device: a sync at the start
-and end of every micro-batch's forward). On both sides ``mbN`` accumulates gradients
+``no-bias-gemm`` (qkv/connector biases added after the GEMM, megatron's way). On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -94,10 +86,6 @@ class Variant:
     recompute_llm_layers: int = 0
     swiglu: Optional[bool] = None  # None: the model's default (fused on GPUs)
     fused_adam: bool = True
-    legacy_rope: bool = False
-    local_mt: bool = False
-    legacy_head: bool = False
-    legacy_gqa: bool = False
     offload_vit: bool = False
     grad_bf16: bool = False
     overlap: bool = False
@@ -110,10 +98,6 @@ class Variant:
     wgrad_fusion: bool = True  # weight-grad GEMMs accumulate into the fp32 grad buffer (training/wgrad_fusion.py)
     flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
     bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
-    rope_per_call: bool = False  # the third session's RoPE: cos/sin recomputed in every call's kernel
-    vit_sdpa: bool = False  # the ViT's attention through SDPA after torch.split (before the fifth session)
-    loss_sync: bool = False  # read the losses before the optimizer's bookkeeping (before the fifth session)
-    device_counts: bool = False  # slot count and supervised positions read from the device (syncs mid-step)
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
     doc_mask: bool = True  # hf
@@ -126,13 +110,11 @@ OURS_TOKENS = {
     "rc-llm-sel": ("recompute_llm", "selective"), "swiglu": ("swiglu", True), "no-swiglu": ("swiglu", False),
     "no-vitfuse": ("vit_fusion", False), "llm-bdf": ("llm_bda_fusion", True), "prof": ("profile", True),
     "no-fused-rope": ("fused_rope", False), "no-wgrad-fusion": ("wgrad_fusion", False),
-    "legacy-rope": ("legacy_rope", True), "local-mt": ("local_mt", True), "foreach-adam": ("fused_adam", False),
-    "legacy-head": ("legacy_head", True), "legacy-gqa": ("legacy_gqa", True), "offload-vit": ("offload_vit", True),
+    "foreach-adam": ("fused_adam", False), "offload-vit": ("offload_vit", True),
     "grad-bf16": ("grad_bf16", True), "overlap": ("overlap", True), "sp": ("sp", True),
     "overlap-grad": ("overlap_grad", True), "no-overlap-grad": ("overlap_grad", False),
     "no-flat-adam": ("flat_adam", False), "no-bias-gemm": ("bias_gemm", False),
-    "rope-per-call": ("rope_per_call", True), "vit-sdpa": ("vit_sdpa", True), "loss-sync": ("loss_sync", True),
-    "device-counts": ("device_counts", True), "cudnn-attn": ("attention", "cudnn"),
+    "cudnn-attn": ("attention", "cudnn"),
     "flash-attn": ("attention", "flash"),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
@@ -341,9 +323,9 @@ class OursSide:
         from megatron.core.models.common.embeddings import rope_utils
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-        from megatron_eagle.models import attention, connector, loss, rope, specs
+        from megatron_eagle.models import connector, rope, specs
         from megatron_eagle.models.eagle import build_model
-        from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, use_foreach_multi_tensor, wrap_ddp
+        from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
         if os.environ.get("BENCH_FAIL_RANK") == os.environ.get("RANK", "0"):  # tests of the failure path
             raise torch.OutOfMemoryError("BENCH_FAIL_RANK")
@@ -373,23 +355,9 @@ class OursSide:
                 with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
                     return vit_forward(*a, **k)
             model.vision_model.forward = offloaded
-        if v.legacy_head:
-            self._patch(loss, "_chunk_ce", _legacy_chunk_ce)
-        if v.legacy_gqa:
-            self._patch(attention, "GQA_NATIVE", False)
-        if not v.fused_rope:
-            self._patch(rope, "FUSED", False)
-        if v.rope_per_call:
-            self._patch(rope_utils, "_apply_rotary_pos_emb_thd", _rope_per_call_thd)
-        if v.device_counts:
-            from megatron_eagle.models import batch as batch_mod
-
-            self._patch(batch_mod.PackedBatch, "host_view", lambda self: None)
-        if v.vit_sdpa:
-            import megatron.core.transformer.attention as megatron_attention
-
-            self._patch(attention, "SBHD_PREFERS_CUDNN", False)
-            self._patch(megatron_attention, "SplitAlongDim", None)
+        if not v.fused_rope:  # megatron's eager ops on the packed positions
+            original = rope_utils._apply_rotary_pos_emb_thd.original
+            self._patch(rope_utils, "_apply_rotary_pos_emb_thd", rope.PackedRope(original, fused=False))
         optim = OptimConfig(lr=1e-5, fused_adam=v.fused_adam, grad_reduce_in_fp32=not v.grad_bf16,
                             wgrad_fusion=v.wgrad_fusion, flat_adamw=v.flat_adam,
                             overlap_grad_reduce=v.overlap or v.overlap_grad, overlap_param_gather=v.overlap)
@@ -399,12 +367,6 @@ class OursSide:
         self.ddp.config.no_sync_func = self.ddp.no_sync
         self.optimizer = build_optimizer([self.ddp], optim, bf16)
         self.optimizer.reload_model_params()
-        if v.local_mt:
-            use_foreach_multi_tensor(False)
-            self._undo.append(use_foreach_multi_tensor)
-        if v.legacy_rope:
-            rope.install(False)
-            self._undo.append(rope.install)
         self.marks = Marks(device.type == "cuda")
         m = self.ddp.module
         self.hooks = instrument(self.marks, m.vision_model, m.connector, m.language_model.decoder, m,
@@ -423,8 +385,6 @@ class OursSide:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = forward_backward(self.ddp, [p.batch for p in group], self.device)
-        if self.v.loss_sync:
-            losses = [float(x) for x in losses]
         self.marks.mark("bwd_end")
         guarded_optimizer_step(self.optimizer, 1.0)
         self.marks.mark("opt_end")
@@ -438,37 +398,6 @@ class OursSide:
         for fn in self._undo:
             fn()
         self._patches, self._undo = [], []
-
-
-_ROPE_PER_CALL = None
-
-
-def _rope_per_call_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
-                       cp_group=None):
-    """The third session's packed RoPE (baseline of ``rope-per-call``): every call gathers the packed
-    freqs and computes cos/sin inside its compiled rotation kernel."""
-    global _ROPE_PER_CALL
-    from megatron_eagle.models import rope
-
-    if not t.is_cuda or (cp_group is not None and cp_group.size() != 1):
-        return rope._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention,
-                                              mscale, cp_group)
-
-    def rotate(x, f, m):
-        return rope.rotate_cos_sin(x, (torch.cos(f) * m).to(x.dtype), (torch.sin(f) * m).to(x.dtype))
-
-    if _ROPE_PER_CALL is None:
-        _ROPE_PER_CALL = torch.compile(rotate, dynamic=True)
-    packed = freqs if freqs.size(0) == t.size(0) else freqs[rope.packed_positions(cu_seqlens, t.size(0))]
-    return _ROPE_PER_CALL(t.unsqueeze(1), packed, mscale).squeeze(1)
-
-
-def _legacy_chunk_ce(hidden, weight, labels):
-    """The LM-head chunk before issue 8: an fp32 GEMM on fp32 copies of hidden and weight."""
-    from megatron.core import tensor_parallel
-
-    logits = torch.matmul(hidden.float(), weight.float().t())
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
 
 
 class HFSide:
@@ -552,7 +481,8 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> O
 
 def check_attention(device: torch.device) -> dict:
     """Packed GQA flash attention (forward and input grads) against per-segment SDPA in fp32."""
-    from megatron_eagle.models import attention
+    from megatron_eagle.kernels.flash import FlashVarlen
+    from megatron_eagle.kernels.reference import segment_sdpa
 
     if device.type != "cuda":
         return {"skipped": "cpu"}
@@ -561,32 +491,24 @@ def check_attention(device: torch.device) -> dict:
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     t = sum(lens)
     out = {}
-    for name, native in (("gqa_native", True), ("gqa_expand", False)):
-        q = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
-        k = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
-        v = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
-        w = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16)
-        old = attention.GQA_NATIVE
-        attention.GQA_NATIVE = native
-        try:
-            o = attention.varlen_flash(q, k, v, cu, max(lens), True, 128 ** -0.5)
-        finally:
-            attention.GQA_NATIVE = old
-        if o is None:
-            out[name] = {"error": "no flash kernel"}
-            continue
+    q = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
+    k = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
+    v = torch.randn(t, 2, 128, generator=g).to(device, torch.bfloat16).requires_grad_()
+    w = torch.randn(t, 12, 128, generator=g).to(device, torch.bfloat16)
+    flash = FlashVarlen()
+    o = flash.packed(q, k, v, cu, max(lens), True, 128 ** -0.5)
+    if o is None:
+        out["gqa_native"] = {"error": "no flash kernel"}
+    else:
         grads = torch.autograd.grad((o.float() * w.float()).sum(), (q, k, v))
         q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-        r = attention.segment_sdpa(q32, k32, v32, cu, True, 128 ** -0.5)
+        r = segment_sdpa(q32, k32, v32, cu, True, 128 ** -0.5)
         rgrads = torch.autograd.grad((r * w.float()).sum(), (q32, k32, v32))
         rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
-        out[name] = {"out": rel(o, r), "dq": rel(grads[0], rgrads[0]), "dk": rel(grads[1], rgrads[1]),
-                     "dv": rel(grads[2], rgrads[2])}
-    out["aten_flash"] = attention._ATEN_FLASH_OK
-    ok = "error" not in out.get("gqa_native", {"error": 1}) and max(out["gqa_native"].values()) < 2e-2
-    out["native_ok"] = ok
-    if not ok:
-        attention.GQA_NATIVE = False  # measure with the repeated-heads path instead
+        out["gqa_native"] = {"out": rel(o, r), "dq": rel(grads[0], rgrads[0]), "dk": rel(grads[1], rgrads[1]),
+                             "dv": rel(grads[2], rgrads[2])}
+    out["aten_flash"] = flash.status()
+    out["native_ok"] = "error" not in out["gqa_native"] and max(out["gqa_native"].values()) < 2e-2
     return out
 
 

@@ -12,8 +12,7 @@ import torch
 from tests.dist import run_distributed
 
 
-LEGACY = ("ours+rc-vit+rc-llm+legacy-head+legacy-gqa+foreach-adam+legacy-rope+local-mt+no-bias-gemm+vit-sdpa"
-          "+loss-sync+device-counts")  # every switch back to an earlier path, in one variant
+OPTIMIZATIONS_OFF = "ours+rc-vit+rc-llm+foreach-adam+no-bias-gemm+no-fused-rope"  # switches off, in one variant
 
 
 def _bench(rank, world, out):
@@ -21,7 +20,7 @@ def _bench(rank, world, out):
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
           "--variants", "hf", "hf+nomask", "ours",
-          LEGACY,
+          OPTIMIZATIONS_OFF,
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -29,7 +28,7 @@ def _bench(rank, world, out):
 def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "tt.json"
     runs, raw = run_distributed(_bench, 1, out, timeout=240)[0]
-    assert [r["ours_variant"] for r in runs] == ["ours", LEGACY]
+    assert [r["ours_variant"] for r in runs] == ["ours", OPTIMIZATIONS_OFF]
     for r in runs:
         for key in ("device", "date", "preset", "seq_len", "ours_tokens_per_s", "hf_tokens_per_s", "ours_mfu",
                     "hf_mfu", "ours_peak_gib", "hf_peak_gib"):
@@ -41,7 +40,7 @@ def test_benchmark_smoke_tiny(tmp_path):
         ph = r["ours_phases_ms"]
         assert all(ph[k] is not None and ph[k] >= 0 for k in ("vit_fwd", "llm_fwd", "llm_bwd", "optimizer"))
         assert abs(sum(v for k, v in ph.items() if k != "total") - ph["total"]) < 1e-6 * max(ph["total"], 1)
-    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", LEGACY}
+    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", OPTIMIZATIONS_OFF}
     for r in raw:  # same packs, random init: every side starts near ln(vocab)
         assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]
 
@@ -128,31 +127,28 @@ def _qkv(t=40, h=4, kv=2, d=16, dtype=torch.bfloat16, seed=0):
 
 
 def test_varlen_flash_passes_gqa_heads_unrepeated(monkeypatch):
-    from megatron_eagle.models import attention
+    from megatron_eagle.kernels import flash
+    from megatron_eagle.kernels.reference import segment_sdpa
 
     q, k, v = _qkv()
     cu = torch.tensor([0, 7, 8, 30, 40], dtype=torch.int32)
     seen = []
 
-    def fake(q_, k_, v_, cu_, max_seqlen, causal, scale):
-        seen.append((k_.shape[1], v_.shape[1], cu_.dtype, max_seqlen, causal))
-        return attention.segment_sdpa(q_, k_, v_, cu_, causal, scale)
+    def fake(q_, k_, v_, cu_q, cu_k, max_q, max_k, causal, scale):
+        seen.append((k_.shape[1], v_.shape[1], cu_q.dtype, max_q, causal))
+        return segment_sdpa(q_, k_, v_, cu_q, causal, scale), None, None, None, None
 
-    monkeypatch.setattr(attention, "_flash_device", lambda t: True)
-    monkeypatch.setattr(attention, "_aten_flash", fake)
-    monkeypatch.setattr(attention, "_ATEN_FLASH_OK", None)
-    ref = attention.segment_sdpa(q, k, v, cu, True, 0.25)
-    out = attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
+    monkeypatch.setattr(flash, "_flash_device", lambda t: True)
+    monkeypatch.setattr(flash, "_aten_forward", fake)
+    ref = segment_sdpa(q, k, v, cu, True, 0.25)
+    out = flash.FlashVarlen().packed(q, k, v, cu, 22, True, 0.25)
     assert seen[-1] == (2, 2, torch.int32, 22, True)  # K/V heads not repeated
-    torch.testing.assert_close(out, ref)
-    monkeypatch.setattr(attention, "GQA_NATIVE", False)
-    out = attention.varlen_flash(q, k, v, cu, 22, True, 0.25)
-    assert seen[-1][:2] == (4, 4)
     torch.testing.assert_close(out, ref)
 
 
 def test_varlen_flash_falls_back_when_aten_kernel_refuses(monkeypatch):
-    from megatron_eagle.models import attention
+    from megatron_eagle.kernels import flash
+    from megatron_eagle.kernels.reference import segment_sdpa
 
     q, k, v = _qkv()
     cu = torch.tensor([0, 20, 40], dtype=torch.int32)
@@ -163,16 +159,16 @@ def test_varlen_flash_falls_back_when_aten_kernel_refuses(monkeypatch):
 
     def varlen(q_, k_, v_, cq, ck, mq, mk, scale=None, window_size=(-1, -1)):
         calls.append((k_.shape[1], window_size))
-        return attention.segment_sdpa(q_, k_, v_, cq, window_size == (-1, 0), scale)
+        return segment_sdpa(q_, k_, v_, cq, window_size == (-1, 0), scale)
 
-    monkeypatch.setattr(attention, "_flash_device", lambda t: True)
-    monkeypatch.setattr(attention, "_aten_flash", refuse)
-    monkeypatch.setattr(attention, "_varlen_attn", varlen)
-    monkeypatch.setattr(attention, "_ATEN_FLASH_OK", None)
+    monkeypatch.setattr(flash, "_flash_device", lambda t: True)
+    monkeypatch.setattr(flash, "_aten_forward", refuse)
+    monkeypatch.setattr(flash, "_varlen_attn", varlen)
+    kernel = flash.FlashVarlen()
     with pytest.warns(UserWarning):
-        out = attention.varlen_flash(q, k, v, cu, 20, True, 0.25)
-    assert attention._ATEN_FLASH_OK is False and calls == [(4, (-1, 0))]
-    torch.testing.assert_close(out, attention.segment_sdpa(q, k, v, cu, True, 0.25))
+        out = kernel.packed(q, k, v, cu, 20, True, 0.25)
+    assert kernel.error is not None and "Ampere" in kernel.status() and calls == [(4, (-1, 0))]
+    torch.testing.assert_close(out, segment_sdpa(q, k, v, cu, True, 0.25))
 
 
 def _chunk_ce_cases(rank, world):
@@ -195,12 +191,17 @@ def _chunk_ce_cases(rank, world):
 
 def _rope_cases():
     """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1): the
-    cos/sin-once path (twice: the second call reads the cache) and, with FUSED off, megatron's ops."""
+    cos/sin-once path (twice: the second call reads the cache) and, not fused, megatron's ops."""
     from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megatron_eagle.models import rope
 
+    installed = rope_utils._apply_rotary_pos_emb_thd  # the runtime start installed the patch
+    assert isinstance(installed, rope.PackedRope)
+    original = installed.original
+    fused, eager = rope.PackedRope(original), rope.PackedRope(original, fused=False)
     g = torch.Generator().manual_seed(1)
     cp = ps.get_context_parallel_group()
     cases = []
@@ -212,14 +213,10 @@ def _rope_cases():
                 t = torch.randn(sum(lens), 3, 16, generator=g).to(dtype)
                 for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
                     freqs = emb(max_len, packed_seq=True)
-                    want = rope._ORIGINAL(t, cu, freqs, cp_group=cp)
+                    want = original(t, cu, freqs, cp_group=cp)
                     for _ in range(2):
-                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
-                    rope.FUSED = False
-                    try:
-                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
-                    finally:
-                        rope.FUSED = True
+                        cases.append((fused(t, cu, freqs, cp_group=cp), want))
+                    cases.append((eager(t, cu, freqs, cp_group=cp), want))
     pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
     return cases, pos.tolist()
 
@@ -248,20 +245,23 @@ def test_fused_rope_expression_equals_megatron(dtype):
 def test_packed_cos_sin_cache_hits_and_misses():
     """cos/sin are computed once per (freqs, cu_seqlens) pair; another pack, an in-place change or
     another dtype recomputes them."""
+    from megatron.core.models.common.embeddings import rope_utils
+
     from megatron_eagle.models import rope
 
+    packed = rope.PackedRope(rope_utils._apply_rotary_pos_emb_thd)
     freqs = torch.randn(16, 1, 1, 8)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    a = rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)
-    assert rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
+    a = packed.cos_sin(freqs, cu, 12, torch.float32, 1.0)
+    assert packed.cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
     pos = rope.packed_positions(cu, 12)
     torch.testing.assert_close(a[0], torch.cos(freqs[pos]).reshape(12, 1, 8), rtol=0, atol=0)
     cu2 = torch.tensor([0, 5, 12], dtype=torch.int32)  # equal values, another pack
-    assert rope.packed_cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
-    b = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert packed.cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
+    b = packed.cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
     assert b[0].dtype == torch.bfloat16
     freqs.mul_(2)  # in place: the version moves
-    c = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    c = packed.cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
     assert c[0] is not b[0] and not torch.equal(c[0], b[0])
 
 
@@ -278,31 +278,32 @@ def test_chunk_ce_gemm_dtype():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_foreach_multi_tensor_matches_megatron_fallback():
+def test_foreach_multi_tensor_matches_megatron_fallback(monkeypatch):
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
-    from megatron_eagle.training import optimizer as opt
+    from megatron_eagle.patches import foreach_multi_tensor as fmt
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(n, generator=g) for n in (3, 1000, 17)]
-    norm, _ = opt._foreach_l2_norm(0, torch.zeros(1, dtype=torch.int), [ts], False)
+    norm, _ = fmt.foreach_l2_norm(0, torch.zeros(1, dtype=torch.int), [ts], False)
     torch.testing.assert_close(norm, torch.cat(ts).norm().reshape(1))
     dst = [torch.empty_like(t) for t in ts]
-    opt._foreach_scale(0, None, [ts, dst], 0.5)
+    fmt.foreach_scale(0, None, [ts, dst], 0.5)
     for a, b in zip(ts, dst):
         torch.testing.assert_close(b, a * 0.5)
-    opt._foreach_scale(0, None, [dst, dst], 2.0)
+    fmt.foreach_scale(0, None, [dst, dst], 2.0)
     for a, b in zip(ts, dst):
         torch.testing.assert_close(b, a)
-    try:
-        opt.use_foreach_multi_tensor(False)
-        assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
-        opt.use_foreach_multi_tensor(True)
-        assert clip_grads.l2_norm_impl is opt._foreach_l2_norm
-        assert clip_grads.multi_tensor_scale_impl is opt._foreach_scale
-    finally:
-        opt.use_foreach_multi_tensor(True)
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    # megatron's local fallbacks (what it runs without apex/TE), restored after the test
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm)
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
+    monkeypatch.setattr(megatron_optimizer, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
+    fmt.install()
+    assert clip_grads.l2_norm_impl is fmt.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is megatron_optimizer.multi_tensor_scale_impl is fmt.foreach_scale
 
 
 def _fused_vs_foreach(rank, world):
@@ -391,8 +392,7 @@ def _wgrad_fusion_case(rank, world, tp):
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.models.eagle import EagleModel
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from megatron_eagle.training import wgrad_fusion
-    from megatron_eagle.training.optimizer import OptimConfig, wrap_ddp
+    from megatron_eagle.training.optimizer import OptimConfig, enable_wgrad_fusion, wrap_ddp
     from tests.model_fixtures import mixed_pack, tiny_model_config
 
     init_model_parallel(tp=tp)
@@ -403,7 +403,7 @@ def _wgrad_fusion_case(rank, world, tp):
         torch.manual_seed(0)
         model = EagleModel(cfg, ParallelConfig(tp=tp, sp=tp > 1))
         ddp = wrap_ddp(model, OptimConfig(), bf16=False)
-        n = wgrad_fusion.enable(model, fused)
+        n = enable_wgrad_fusion(model, fused)
         ddp.zero_grad_buffer()
         for _ in range(2):  # two micro-batches: the buffer accumulates
             loss = ddp(batch)

@@ -108,7 +108,7 @@ def _build(graphs: CudnnGraphs, key: tuple, device: torch.device) -> Graph:
     return graphs.finish(g, t)
 
 
-def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[Layout, ...]:
+def grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[Layout, ...]:
     """Layouts of dq, dk, dv: q/k/v's own when they are packed slices of one buffer (see
     :func:`packed_qkv_base`; the gradients then share one buffer too), else contiguous."""
     if packed:
@@ -116,8 +116,8 @@ def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: boo
     return tuple(_contiguous(x.shape) for x in (q, k, v))
 
 
-def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[torch.Tensor, ...]:
-    """dq, dk, dv in the layouts of :func:`_grad_layouts` (views of one buffer when packed)."""
+def grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[torch.Tensor, ...]:
+    """dq, dk, dv in the layouts of :func:`grad_layouts` (views of one buffer when packed)."""
     if packed:
         base = q.storage_offset()
         span = max(x.storage_offset() - base + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1
@@ -132,7 +132,7 @@ def _key(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: tup
     layouts = [("q", _layout(q)), ("k", _layout(k)), ("v", _layout(v)),
                ("o", _contiguous(q.shape[:3] + v.shape[3:]))]
     if kind == "sbhd-bwd":
-        layouts += list(zip(("dq", "dk", "dv"), _grad_layouts(q, k, v, packed)))
+        layouts += list(zip(("dq", "dk", "dv"), grad_layouts(q, k, v, packed)))
     return (kind, tuple(layouts)) + base
 
 
@@ -151,7 +151,7 @@ class _CudnnStridedFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, stats = ctx.saved_tensors
         dout = dout if dout.stride() == out.stride() else dout.contiguous()
-        dq, dk, dv = _grad_buffers(q, k, v, ctx.packed)
+        dq, dk, dv = grad_buffers(q, k, v, ctx.packed)
         entry = ctx.graphs.get(ctx.bwd_key, q.device, _build)  # built already unless the forward ran without grad
         ctx.graphs.execute(entry, q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats,
                                              "dq": dq, "dk": dk, "dv": dv})
