@@ -99,7 +99,7 @@ class Variant:
     flat_adam: bool = True  # one fused AdamW + clip + bf16 copy per bucket (training/flat_adamw.py)
     bias_gemm: bool = True  # qkv / connector biases added in the GEMM epilogue (models/linear.py)
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
-    attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": models/cudnn_attention.py)
+    attention: Optional[str] = None  # None: the config's attention_backend ("cudnn": kernels/cudnn_packed.py)
     doc_mask: bool = True  # hf
     grad_ckpt: bool = False  # hf
 

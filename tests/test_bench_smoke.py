@@ -1,4 +1,4 @@
-"""The training-throughput benchmark (issue 8) end to end on the tiny preset, plus the pieces of
+"""The training-throughput benchmark end to end on the tiny preset, plus the pieces of
 the GPU path it measures that also run on a CPU: packed GQA dispatch, the LM-head GEMM dtype,
 sync-free packed RoPE, foreach grad norm/clip, and the fused-AdamW switch."""
 
