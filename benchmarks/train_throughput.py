@@ -309,7 +309,7 @@ def flops_of(cfg, pack: Pack) -> float:
 class OursSide:
     def __init__(self, cfg, v: Variant, tp: int, device: torch.device):
         self.device, self.v = device, v
-        self.hooks, self._patches, self._undo = [], [], []
+        self.hooks, self._patches = [], []
         try:
             self._build(cfg, v, tp, device)
         except BaseException:
@@ -395,9 +395,7 @@ class OursSide:
             h.remove()
         for mod, name, old in reversed(self._patches):
             setattr(mod, name, old)
-        for fn in self._undo:
-            fn()
-        self._patches, self._undo = [], []
+        self._patches = []
 
 
 class HFSide:

@@ -23,7 +23,7 @@ class PackedBatch:
     loss_weights: torch.Tensor  # [T] float32, per-token weight (0 where unsupervised)
     position_ids: torch.Tensor  # [T] int64, restarting at 0 per sub-sample
     cu_seqlens: torch.Tensor    # [n+1] int32, sub-sample boundaries (tail padding is its own segment)
-    pixel_values: torch.Tensor  # [n_tiles, 3, S, S] float, tiles in order of their <IMG_CONTEXT> runs
+    pixel_values: torch.Tensor  # [n_tiles, 3, S, S] normalised float or uint8 RGB, in <IMG_CONTEXT> run order
     max_seqlen: int
     # Index of pixel_values[0] among the pack's tiles when the batch carries only a share of them
     # (a CP rank's share, decoded by the loader); None: pixel_values holds every tile of the pack.
