@@ -88,7 +88,7 @@ class EagleModel(MegatronModule):
     def _visual_parameters(self) -> Iterator[torch.nn.Parameter]:
         return itertools.chain(self.vision_model.parameters(), self.connector.parameters())
 
-    def embed(self, batch: PackedBatch, layout: PackLayout) -> torch.Tensor:
+    def embed(self, layout: PackLayout) -> torch.Tensor:
         """Embeddings of ``layout.tokens`` with visual tokens in the <IMG_CONTEXT> slots: [t, 1, H]
         (SP-scattered)."""
         tokens = layout.tokens
@@ -110,7 +110,7 @@ class EagleModel(MegatronModule):
         """Loss Σ w·CE on the last stage (or final hidden [T, H] if ``return_hidden``);
         the activations for the next stage elsewhere."""
         layout = layout_pack(batch, self.cp_ctx, self.model_cfg.image_token_id)  # identity without CP
-        decoder_input = self.embed(batch, layout) if self.pre_process else None
+        decoder_input = self.embed(layout) if self.pre_process else None
         rotary = self.language_model.rotary_pos_emb(layout.max_seqlen, packed_seq=True)
         hidden = self.language_model.decoder(hidden_states=decoder_input, attention_mask=None,
                                              rotary_pos_emb=rotary, packed_seq_params=layout.packed_seq_params())
