@@ -80,19 +80,28 @@ def causal_flops(lens: List[int], hq: int = HQ, d: int = D, causal: bool = True)
 
 # ----------------------------------------------------------------------------- kernels
 
-def fa2(q, k, v, cu, lens, causal, scale):
-    from megatron_eagle.models import attention
+def _kernels():
+    """The process's attention dispatcher (its cuDNN graph cache is what graph_builds counts)."""
+    global _DISPATCH
+    if _DISPATCH is None:
+        from megatron_eagle.kernels.dispatch import AttentionKernels
 
-    out = attention.varlen_flash(q, k, v, cu, max(lens), causal, scale)
+        _DISPATCH = AttentionKernels("cudnn")
+    return _DISPATCH
+
+
+_DISPATCH = None
+
+
+def fa2(q, k, v, cu, lens, causal, scale):
+    out = _kernels().flash.packed(q, k, v, cu, max(lens), causal, scale)
     if out is None:
         raise RuntimeError("no flash kernel")
     return out
 
 
 def cudnn_k(q, k, v, cu, lens, causal, scale, buckets=None):
-    from megatron_eagle.models import cudnn_attention
-
-    return cudnn_attention.cudnn_packed_attention(q, k, v, cu, causal, scale, buckets=buckets)
+    return _kernels().cudnn_packed(q, k, v, cu, causal, scale, buckets=buckets)
 
 
 KERNELS: Dict[str, Callable] = {"fa2": fa2, "cudnn": cudnn_k}
@@ -109,7 +118,7 @@ def make_inputs(lens: List[int], hq: int, hkv: int, d: int, seed: int, device):
 
 
 def reference(q, k, v, dout, cu, causal, scale):
-    from megatron_eagle.models.attention import segment_sdpa
+    from megatron_eagle.kernels.reference import segment_sdpa
 
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     # K/V heads repeated here (not enable_gqa), so SDPA can take its memory-efficient fp32 kernel
@@ -232,7 +241,7 @@ def case(lens: List[int], name: str, args, device, causal=True, hq=HQ, hkv=HKV, 
 
 def bucket_scaling(total: int, args, device) -> dict:
     """cuDNN time with the default (B, T) bucket vs larger ones on the same pack."""
-    from megatron_eagle.models import cudnn_attention as ca
+    from megatron_eagle.kernels import cudnn_packed as ca
 
     lens = make_pack(total, "long+short", seed=1)
     q, k, v, dout, cu = make_inputs(lens, HQ, HKV, D, seed=1, device=device)
@@ -255,17 +264,16 @@ def bucket_scaling(total: int, args, device) -> dict:
 
 def graph_builds(args, device) -> dict:
     """Graph build cost, and how many graphs a run of varied packs builds."""
-    from megatron_eagle.models import cudnn_attention as ca
-
-    ca.clear_cache()
+    graphs = _kernels().cudnn_graphs
+    graphs.clear()
     lens = make_pack(8192, "many-1-2K", seed=7)
     q, k, v, dout, cu = make_inputs(lens, HQ, HKV, D, seed=7, device=device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     run_kernel(cudnn_k, q, k, v, dout, cu, lens, True, D ** -0.5)
     torch.cuda.synchronize()
-    first = {"first_call_s": time.perf_counter() - t0, "graphs": ca.STATS["built"], "build_s": ca.STATS["build_s"]}
-    ca.clear_cache()
+    first = {"first_call_s": time.perf_counter() - t0, "graphs": graphs.built, "build_s": graphs.build_s}
+    graphs.clear()
     rng = random.Random(3)
     seq, t0 = [], time.perf_counter()
     for i in range(args.varied_packs):
@@ -275,9 +283,9 @@ def graph_builds(args, device) -> dict:
         run_kernel(cudnn_k, q, k, v, dout, cu, lens, True, D ** -0.5)
         seq.append([total, len(lens)])
     torch.cuda.synchronize()
-    return {"first_pack": first, "varied": {"packs": seq, "graphs_built": ca.STATS["built"],
-                                            "build_s": ca.STATS["build_s"], "wall_s": time.perf_counter() - t0,
-                                            "keys": sorted(str(k[:3]) for k in ca._graphs)}}
+    return {"first_pack": first, "varied": {"packs": seq, "graphs_built": graphs.built,
+                                            "build_s": graphs.build_s, "wall_s": time.perf_counter() - t0,
+                                            "keys": sorted(str(k[:3]) for k in graphs.graphs)}}
 
 
 def host_overhead(args, device, iters: int = 300) -> dict:
@@ -314,6 +322,7 @@ def module_check(args, device) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_eagle.kernels.dispatch import AttentionKernels
     from megatron_eagle.models import attention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV,
@@ -326,7 +335,8 @@ def module_check(args, device) -> dict:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for backend in ("flash", "cudnn"):
-            core = attention.PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend=backend).to(device)
+            core = attention.PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self",
+                                                 kernels=AttentionKernels(backend)).to(device)
             o = core(q, k, v, None, packed_seq_params=psp)
             outs[backend] = [o.detach()] + list(torch.autograd.grad(o, (q, k, v), dout.reshape(o.shape)))
     res["rel_l2_cudnn_vs_flash"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
@@ -401,9 +411,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=4)}
             print(name, json.dumps(res[name], default=str), flush=True)
-    from megatron_eagle.models import cudnn_attention as ca
-
-    res["graphs_total"] = dict(ca.STATS)
+    graphs = _kernels().cudnn_graphs
+    res["graphs_total"] = {"built": graphs.built, "build_s": graphs.build_s}
     print("\n" + fmt_table(res["cases"] + ([res["non_causal_vit_heads"]] if isinstance(
         res.get("non_causal_vit_heads"), dict) and "pack" in res["non_causal_vit_heads"] else [])))
     write_json(Path(args.out), res)

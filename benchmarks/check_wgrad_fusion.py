@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU check of training/wgrad_fusion.py: the fused fp32-accumulating weight-gradient GEMM against
+"""GPU check of patches/wgrad_fusion.py: the fused fp32-accumulating weight-gradient GEMM against
 a float64 reference, for fp32 and bf16 grad buffers (prints relative errors; exit 1 if off).
 On a CPU it checks the unfused fallback.
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megatron_eagle.training.wgrad_fusion import available, wgrad_gemm_accum_fp16, wgrad_gemm_accum_fp32  # noqa: E402
+from megatron_eagle.patches.wgrad_fusion import available, wgrad_gemm_accum_fp16, wgrad_gemm_accum_fp32  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -60,7 +60,7 @@ IGNORE = -100
 def long_pack(cfg, seq_len: int, seed: int, video_share: float = 0.7):
     """Exactly ``seq_len`` tokens: one long video (frames of tokens_per_tile + 6 wrapper tokens), then
     images (1-7 tiles) and text samples; only answers (40% of each sample's text) are supervised."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -110,14 +110,15 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
     import torch.distributed as dist
 
     from megatron_eagle.config import ParallelConfig
-    from megatron_eagle.parallel import kernels
+    from megatron_eagle.kernels.dispatch import AttentionKernels
     from megatron_eagle.parallel.cp_attention import cp_attention
     from megatron_eagle.parallel.cp_split import split_batch
     from megatron_eagle.parallel.groups import build_cp_context
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     init_model_parallel(1, 1, world)
+    kernels = AttentionKernels()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hq, hk, d = 12, 2, 128
     lens = [4097, 1, 300, 12000, 77, 2]  # 1-token, odd and long sub-samples
@@ -132,9 +133,9 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
     scale = d ** -0.5
     cu = batch.cu_seqlens.to(device)
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = kernels.varlen_attention(*ref_in, cu, cu, batch.max_seqlen, batch.max_seqlen, True, scale)
+    ref = kernels.varlen(*ref_in, cu, cu, batch.max_seqlen, batch.max_seqlen, True, scale)
     (ref.float() * w.float()).sum().backward()
-    out = {"kernel": kernels.flash_status()}
+    out = {"kernel": kernels.flash.status()}
     for variant in ("ring", "allgather", "ulysses", "hybrid"):
         if variant == "hybrid" and not (1 < hybrid_u < world):
             continue
@@ -148,7 +149,7 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
             leaves.append(p.requires_grad_())
         wp = torch.zeros(Tp, hq, d, device=device, dtype=dtype)
         wp[layout.dst] = w
-        o = cp_attention(*(x[layout.positions] for x in leaves), layout, scale)
+        o = cp_attention(*(x[layout.positions] for x in leaves), layout, scale, kernels)
         (o.float() * wp[layout.positions].float()).sum().backward()
         full = layout.gather_full(o.detach())
         rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
@@ -158,7 +159,7 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
             dist.all_reduce(grad, group=layout.ctx.group)
             res[name] = rel(grad[layout.dst], r.grad)
         out[variant] = {k2: float(f"{v2:.3g}") for k2, v2 in res.items()}
-    out["kernel_after"] = kernels.flash_status()
+    out["kernel_after"] = kernels.flash.status()
     return out
 
 
@@ -193,14 +194,15 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
     import torch.distributed as dist
 
     from megatron_eagle.config import ParallelConfig, preset_model_config
-    from megatron_eagle.models.batch import pack_samples
-    from megatron_eagle.parallel import kernels
+    from megatron_eagle.batch import pack_samples
+    from megatron_eagle.kernels.dispatch import AttentionKernels
     from megatron_eagle.parallel.cp_attention import cp_attention
     from megatron_eagle.parallel.cp_split import split_batch
     from megatron_eagle.parallel.groups import build_cp_context
     from megatron_eagle.runtime.distributed import init_model_parallel
 
     init_model_parallel(1, 1, world)
+    kernels = AttentionKernels()
     llm = preset_model_config(preset).llm
     hq, hk, d = llm.num_heads, llm.num_kv_heads, llm.hidden_size // llm.num_heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -214,12 +216,12 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
         dout = torch.randn(L, hq, d, device=device, dtype=dtype)
 
         def flash():
-            kernels.varlen_attention(q, k, v, cu, cu, L, L, True, scale).backward(dout)
+            kernels.varlen(q, k, v, cu, cu, L, L, True, scale).backward(dout)
 
         flops = 7.0 * L * L * hq * d  # causal: 2·L²·h·d forward, 2.5x that backward
         t1 = _timed(flash, iters, warmup, device)
         rec = {"seq_len": L, "heads": [hq, hk, d], "flash_1gpu_s": t1, "flash_1gpu_tflops": flops / t1 / 1e12,
-               "kernel": kernels.flash_status()}
+               "kernel": kernels.flash.status()}
         q.grad = k.grad = v.grad = None
         for variant in ("ring", "allgather", "ulysses", "hybrid"):
             if variant == "hybrid" and not (1 < hybrid_u < world):
@@ -232,7 +234,7 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
 
             def run_cp():
                 dist.barrier(group=layout.ctx.group)
-                cp_attention(ql, kl, vl, layout, scale).backward(dl)
+                cp_attention(ql, kl, vl, layout, scale, kernels).backward(dl)
 
             t = torch.tensor([_timed(run_cp, iters, warmup, device)], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

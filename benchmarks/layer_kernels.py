@@ -132,16 +132,20 @@ def vit_attention_case(tiles: int, reps: int) -> dict:
             return o.permute(2, 0, 1, 3).reshape(s, tiles, h * d)
         return fn
 
-    def cudnn_frontend(qkv):
-        from megatron_eagle.models.cudnn_attention import cudnn_packed_attention
+    from megatron_eagle.kernels.cudnn_graphs import CudnnGraphs
+    from megatron_eagle.kernels.cudnn_packed import CudnnPacked
+    from megatron_eagle.kernels.cudnn_strided import CudnnStrided
 
+    graphs = CudnnGraphs()  # one graph cache for every call, as in the model
+    cudnn_packed_attention, cudnn_sbhd_attention = CudnnPacked(graphs), CudnnStrided(graphs)
+
+    def cudnn_frontend(qkv):
         q, k, v = (x.transpose(0, 1).reshape(tiles * s, h, d) for x in split(qkv))  # [b*s, h, d]
         cu = torch.arange(0, tiles + 1, device=qkv.device, dtype=torch.int32) * s
         o = cudnn_packed_attention(q, k, v, cu, False, scale)
         return o.view(tiles, s, h * d).transpose(0, 1)
 
     def strided_cudnn(qkv):  # the model's path now: copy-free split, cuDNN on megatron's strides
-        from megatron_eagle.models.cudnn_sbhd_attention import cudnn_sbhd_attention
         from megatron_eagle.models.qkv_split import split_along_dim
 
         q, k, v = split_along_dim(qkv, 3, [d, d, d])

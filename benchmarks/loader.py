@@ -179,7 +179,7 @@ def _nccl_rank(rank: int, world: int, port: int, tokens: int, tiles: int, size: 
     import torch.distributed as dist
 
     from megatron_eagle.data.loading.broadcast import broadcast_batch
-    from megatron_eagle.data.loading.pack_builder import normalize_pixels
+    from megatron_eagle.models.vision import normalize_pixels
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -202,8 +202,8 @@ def _nccl_rank(rank: int, world: int, port: int, tokens: int, tiles: int, size: 
                 torch.cuda.synchronize()
                 return (time.perf_counter() - t) / repeat
 
-            h2d = timed(lambda: normalize_pixels(b.to(dev)))
-            bc = timed(lambda: normalize_pixels(broadcast_batch(b if rank == 0 else None, 0, dist.group.WORLD)[0]))
+            h2d = timed(lambda: normalize_pixels(b.to(dev).pixel_values))
+            bc = timed(lambda: normalize_pixels(broadcast_batch(b if rank == 0 else None, 0, dist.group.WORLD)[0].pixel_values))
             got = broadcast_batch(b if rank == 0 else None, 0, dist.group.WORLD)[0]  # rank 1 regenerates b
             ok = all(torch.equal(getattr(got, f).cpu(), getattr(b, f)) for f in ("pixel_values", "tokens", "labels",
                                                                                   "loss_weights", "cu_seqlens"))

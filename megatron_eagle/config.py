@@ -307,9 +307,7 @@ def validate(cfg: EagleConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError("model.llm.vocab_size", f"not divisible by parallel.tp={p.tp}",
                           "pad the vocabulary to a multiple of tp")
     if p.cp > 1:
-        from megatron_eagle.parallel.groups import ulysses_degree
-
-        ulysses_degree(p, m.llm.num_heads, local_gpus=1 << 30)  # raises ConfigError naming the fix
+        ulysses_degree(p, m.llm.num_heads)  # raises ConfigError naming the fix
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp", "sequence parallel needs tp > 1", "set parallel.sp=false or parallel.tp>1")
     if world_size is not None:
@@ -321,3 +319,38 @@ def validate(cfg: EagleConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError("model.llm.hidden_size", "not divisible by num_heads", "use a multiple of num_heads")
     if not math.isfinite(m.init_std) or m.init_std <= 0:
         raise ConfigError("model.init_std", "must be a positive number", "use e.g. 0.02")
+
+
+CP_VARIANTS = ("ring", "allgather", "ulysses", "hybrid")
+
+
+def ulysses_degree(parallel: ParallelConfig, num_heads: int, local_gpus: int = 1 << 30) -> int:
+    """Ulysses degree U of the configured CP variant (cp = U x ring); raises ConfigError naming the fix.
+
+    ``local_gpus``: GPUs per node, the cap of the automatic hybrid degree (Ulysses stays inside a node).
+    """
+    cp, v = parallel.cp, parallel.cp_variant
+    heads = num_heads // parallel.tp  # query heads per TP rank
+    if v not in CP_VARIANTS:
+        raise ConfigError("parallel.cp_variant", f"unknown {v!r}", f"use one of {list(CP_VARIANTS)}")
+    if parallel.cp_ulysses and v != "hybrid":
+        raise ConfigError("parallel.cp_ulysses", f"only used by cp_variant=hybrid (got {v})",
+                          "remove it or set parallel.cp_variant=hybrid")
+    if v in ("ring", "allgather"):
+        return 1
+    if v == "ulysses":
+        if cp > heads:
+            raise ConfigError("parallel.cp_variant", f"ulysses splits heads over cp={cp} ranks but each TP rank has "
+                              f"{heads} query heads", "use cp_variant=hybrid (ulysses x ring), ring or allgather")
+        return cp
+    u = parallel.cp_ulysses
+    if u == 0:  # Eagle 2.5's rule: gcd(heads, cp), kept inside a node
+        cap = max(1, local_gpus // parallel.tp)
+        u = max(d for d in range(1, math.gcd(heads, cp) + 1) if cp % d == 0 and heads % d == 0 and d <= cap)
+    if u < 1 or cp % u:
+        raise ConfigError("parallel.cp_ulysses", f"{u} does not divide cp={cp}",
+                          f"use one of {[d for d in range(1, cp + 1) if cp % d == 0]}")
+    if u > heads:
+        raise ConfigError("parallel.cp_ulysses", f"{u} > {heads} query heads per TP rank",
+                          f"use at most {heads} (a divisor of cp={cp})")
+    return u

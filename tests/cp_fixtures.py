@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_eagle.models.batch import IGNORE_INDEX, PackedBatch, loss_weights_for
+from megatron_eagle.batch import IGNORE_INDEX, PackedBatch, loss_weights_for
 
 # sub-sample lengths: 1s, lengths not divisible by 2*cp, a long one, tail padding as its own segment
 AWKWARD_LENGTHS = [1, 7, 13, 2, 30, 1, 5, 19]
@@ -33,7 +33,7 @@ def text_pack(lengths, vocab: int = 512, seed: int = 0, supervised_from: int = 0
 
 def reference_attention(q, k, v, cu, scale):
     """Independent reference: torch SDPA per sub-sample (autograd)."""
-    from megatron_eagle.models.attention import segment_sdpa
+    from megatron_eagle.kernels.reference import segment_sdpa
 
     return segment_sdpa(q, k, v, cu, True, scale)
 
@@ -46,6 +46,7 @@ def attention_case(variant: str, cp: int, lengths, hq: int, hk: int, d: int = 8,
     from megatron.core import parallel_state as ps
 
     from megatron_eagle.config import ParallelConfig
+    from megatron_eagle.kernels.dispatch import AttentionKernels
     from megatron_eagle.parallel.cp_attention import cp_attention
     from megatron_eagle.parallel.cp_split import split_batch
     from megatron_eagle.parallel.groups import build_cp_context
@@ -74,7 +75,7 @@ def attention_case(variant: str, cp: int, lengths, hq: int, hk: int, d: int = 8,
     wp = torch.zeros(Tp, hq, d)
     wp[layout.dst] = w
     loc = [x[layout.positions] for x in leaves]
-    out = cp_attention(*loc, layout, scale)
+    out = cp_attention(*loc, layout, scale, AttentionKernels())
     (out * wp[layout.positions]).sum().backward()
     full = layout.gather_full(out.detach())
     res = {"out": (full - ref_out.detach()).abs().max().item()}
@@ -92,7 +93,7 @@ def attention_case(variant: str, cp: int, lengths, hq: int, hk: int, d: int = 8,
 def awkward_mixed_pack(cfg, seed: int = 0, pad_to_multiple: int = 16) -> PackedBatch:
     """Images/frames and text with random lengths (1-token samples, lengths not divisible by 2*cp,
     a sample without supervision) and tail padding as its own segment."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     g = torch.Generator().manual_seed(seed)
     tpt, img, vocab = cfg.tokens_per_tile, cfg.image_token_id, cfg.llm.vocab_size
@@ -126,7 +127,7 @@ def lopsided_pack(vocab: int = 512) -> PackedBatch:
 def one_tile_pack(cfg) -> PackedBatch:
     """One tile whose 16 visual slots all sit in zigzag chunk 0 at cp=2: rank 1 neither encodes
     a tile nor owns a slot, yet must take part in the routing all-to-all."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     g = torch.Generator().manual_seed(7)
     tpt = cfg.tokens_per_tile
@@ -150,8 +151,8 @@ def share_of(batch: PackedBatch, cfg, cp: int, rank: int):
     n = int(batch.pixel_values.shape[0])
     lo, hi = tile_shares(n, cp)[rank]
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    fields["pixel_values"] = batch.pixel_values[lo:hi].clone()
+    fields.update(pixel_values=batch.pixel_values[lo:hi].clone(), tile_offset=lo)
     starts = torch.nonzero(batch.tokens == cfg.image_token_id).squeeze(1)[::cfg.tokens_per_tile]
     return LoaderBatch(**fields, tile_positions=starts, sample_ids=torch.zeros(batch.cu_seqlens.numel() - 1, 2,
                                                                                 dtype=torch.long),
-                       tile_offset=lo, pack_tiles=n)
+                       pack_tiles=n)

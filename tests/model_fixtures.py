@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_eagle.batch import IGNORE_INDEX, pack_samples
 from megatron_eagle.config import ParallelConfig, preset_model_config
-from megatron_eagle.models.batch import IGNORE_INDEX, pack_samples
 
 
 def tiny_model_config(tie: bool = False):

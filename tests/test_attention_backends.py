@@ -8,20 +8,24 @@ import warnings
 import pytest
 import torch
 
-from megatron_eagle.models import attention, cudnn_attention
+from megatron_eagle.kernels import cudnn_packed
+from megatron_eagle.kernels.cudnn_graphs import CudnnGraphs, CudnnUnsupported
+from megatron_eagle.kernels.dispatch import AttentionKernels
+from megatron_eagle.kernels.reference import segment_sdpa
+from megatron_eagle.models import attention
 
 
 def test_buckets():
-    assert [cudnn_attention.batch_bucket(n) for n in (0, 1, 31, 32, 33, 64, 65, 300)] == \
+    assert [cudnn_packed.batch_bucket(n) for n in (0, 1, 31, 32, 33, 64, 65, 300)] == \
         [32, 32, 32, 32, 64, 64, 128, 512]
-    assert [cudnn_attention.token_bucket(t) for t in (0, 1, 1024, 1025, 8192, 8193, 32768, 32769, 131072)] == \
+    assert [cudnn_packed.token_bucket(t) for t in (0, 1, 1024, 1025, 8192, 8193, 32768, 32769, 131072)] == \
         [1024, 1024, 1024, 2048, 8192, 16384, 32768, 65536, 131072]
-    assert cudnn_attention.token_bucket(100_000) == 131072  # multiples of 32K above 32K, not 2^17
+    assert cudnn_packed.token_bucket(100_000) == 131072  # multiples of 32K above 32K, not 2^17
 
 
 def test_ragged_layout_with_empty_segments_and_padding_rows():
     cu = torch.tensor([0, 5, 5, 12, 20, 20], dtype=torch.int32)  # segments 5, 0, 7, 8, 0
-    lay = cudnn_attention.ragged_layout(cu, batch=8, hq=4, hkv=2, d=8)
+    lay = cudnn_packed.ragged_layout(cu, batch=8, hq=4, hkv=2, d=8)
     assert lay.seq_len.shape == (8, 1, 1, 1) and lay.seq_len.dtype == torch.int32
     assert lay.seq_len.flatten().tolist() == [5, 0, 7, 8, 0, 0, 0, 0]
     starts = [0, 5, 5, 12, 20, 20, 20, 20, 20]  # padding rows start where the pack ends
@@ -32,25 +36,24 @@ def test_ragged_layout_with_empty_segments_and_padding_rows():
 
 def test_ragged_layout_offset_base_and_too_many_segments():
     # A pack that does not start at token 0 (its offsets are absolute element offsets).
-    lay = cudnn_attention.ragged_layout(torch.tensor([3, 4, 10]), batch=2, hq=1, hkv=1, d=2)
+    lay = cudnn_packed.ragged_layout(torch.tensor([3, 4, 10]), batch=2, hq=1, hkv=1, d=2)
     assert lay.seq_len.flatten().tolist() == [1, 6]
     assert lay.off_q.flatten().tolist() == [6, 8, 20]
     with pytest.raises(ValueError):
-        cudnn_attention.ragged_layout(torch.tensor([0, 1, 2, 3]), batch=2, hq=1, hkv=1, d=2)
+        cudnn_packed.ragged_layout(torch.tensor([0, 1, 2, 3]), batch=2, hq=1, hkv=1, d=2)
 
 
 def test_unusable_reasons_on_cpu(monkeypatch):
     q, k, v = torch.zeros(4, 4, 8, dtype=torch.bfloat16), torch.zeros(4, 2, 8, dtype=torch.bfloat16), \
         torch.zeros(4, 2, 8, dtype=torch.bfloat16)
-    assert "CUDA" in cudnn_attention.unusable_reason(q, k, v)
-    with pytest.raises(cudnn_attention.CudnnUnsupported, match="CUDA"):
-        cudnn_attention.cudnn_packed_attention(q, k, v, torch.tensor([0, 4]), True, 0.5)
+    packed = cudnn_packed.CudnnPacked(CudnnGraphs())
+    assert "CUDA" in packed.unusable_reason(q, k, v)
+    with pytest.raises(CudnnUnsupported, match="CUDA"):
+        packed(q, k, v, torch.tensor([0, 4]), True, 0.5)
     # A failing import is reported, not raised as ImportError.
-    monkeypatch.setattr(cudnn_attention, "_cudnn", None)
-    monkeypatch.setattr(cudnn_attention, "_import_error", None)
     monkeypatch.setitem(__import__("sys").modules, "cudnn", None)
-    with pytest.raises(cudnn_attention.CudnnUnsupported, match="cannot use the cudnn frontend package"):
-        cudnn_attention._import_cudnn()
+    with pytest.raises(CudnnUnsupported, match="cannot use the cudnn frontend package"):
+        CudnnGraphs().module()
 
 
 def _core(backend: str):
@@ -59,7 +62,7 @@ def _core(backend: str):
 
     cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             kv_channels=16, context_parallel_size=1, attention_dropout=0.0)
-    return attention.PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend=backend)
+    return attention.PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", kernels=AttentionKernels(backend))
 
 
 def _packed(seed=0, t=29, hq=4, hkv=2, d=16):
@@ -78,8 +81,7 @@ def _run(core, q, k, v, psp):
     return out, grads
 
 
-def test_cudnn_backend_on_cpu_falls_back_to_exact_and_warns_once(monkeypatch):
-    monkeypatch.setattr(attention, "_CUDNN_WARNED", False)
+def test_cudnn_backend_on_cpu_falls_back_to_exact_and_warns_once():
     core = _core("cudnn")
     q, k, v, cu, psp = _packed()
     with warnings.catch_warnings(record=True) as seen:
@@ -89,7 +91,7 @@ def test_cudnn_backend_on_cpu_falls_back_to_exact_and_warns_once(monkeypatch):
     msgs = [str(w.message) for w in seen if "cuDNN packed attention" in str(w.message)]
     assert len(msgs) == 1 and "not on a CUDA device" in msgs[0]
     q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    ref = attention.segment_sdpa(q2, k2, v2, cu, True, 16 ** -0.5).reshape(out.shape)
+    ref = segment_sdpa(q2, k2, v2, cu, True, 16 ** -0.5).reshape(out.shape)
     rgrads = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), (q2, k2, v2))
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, rgrads):
@@ -102,24 +104,26 @@ def test_cudnn_backend_uses_cudnn_kernel_and_falls_back_on_unsupported_graph(mon
 
     def fake(q, k, v, cu, causal, scale, buckets=None):
         calls.append((tuple(cu.tolist()), causal, scale))
-        return attention.segment_sdpa(q, k, v, cu, causal, scale)
+        return segment_sdpa(q, k, v, cu, causal, scale)
 
-    monkeypatch.setattr(cudnn_attention, "cudnn_packed_attention", fake)
-    monkeypatch.setattr(attention, "_CUDNN_WARNED", False)
+    def core_with(backend, kernel):
+        core = _core(backend)
+        monkeypatch.setattr(core.kernels, "cudnn_packed", kernel)
+        return core
+
     q, k, v, cu, psp = _packed(seed=1)
     ref, rgrads = _run(_core("sdpa"), q, k, v, psp)
-    out, grads = _run(_core("cudnn"), q, k, v, psp)
+    out, grads = _run(core_with("cudnn", fake), q, k, v, psp)
     assert calls == [((0, 9, 9, 22, 29), True, 0.25)]
     torch.testing.assert_close(out, ref)
-    _run(_core("auto"), q, k, v, psp)  # auto tries cuDNN on GPUs only (these are CPU tensors)
+    _run(core_with("auto", fake), q, k, v, psp)  # auto tries cuDNN on GPUs only (these are CPU tensors)
     assert len(calls) == 1
 
     def unsupported(*a, **kw):
-        raise cudnn_attention.CudnnUnsupported("cuDNN fwd graph unsupported for B=32 (test)")
+        raise CudnnUnsupported("cuDNN fwd graph unsupported for B=32 (test)")
 
-    monkeypatch.setattr(cudnn_attention, "cudnn_packed_attention", unsupported)
     with pytest.warns(UserWarning, match="graph unsupported for B=32"):
-        out, grads = _run(_core("cudnn"), q, k, v, psp)
+        out, grads = _run(core_with("cudnn", unsupported), q, k, v, psp)
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, rgrads):
         torch.testing.assert_close(a, b)

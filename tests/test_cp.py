@@ -183,7 +183,7 @@ def test_model_cp2_with_share_only_pixels_equals_cp1(results, variant):
 
 def test_variant_validation_names_the_fix():
     from megatron_eagle.config import ConfigError, ParallelConfig
-    from megatron_eagle.parallel.groups import ulysses_degree
+    from megatron_eagle.config import ulysses_degree
 
     # Eagle 2.5's rule U = gcd(heads, cp) inside a node: Qwen2.5-7B (28 heads) cp=8 -> U4 x R2
     assert ulysses_degree(ParallelConfig(cp=8, cp_variant="hybrid"), 28, local_gpus=8) == 4

@@ -14,6 +14,7 @@ def _build(dtype, flat):
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.models.eagle import build_model
     from megatron_eagle.runtime.distributed import init_model_parallel
+    from megatron_eagle.training import flat_adamw
     from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
     from tests.model_fixtures import tiny_model_config
 
@@ -26,7 +27,7 @@ def _build(dtype, flat):
     ddp.config.finalize_model_grads_func = finalize_model_grads
     opt = build_optimizer([ddp], optim, bf16=dtype == "bfloat16")
     parts = getattr(opt, "chained_optimizers", [opt])
-    assert all(hasattr(p, "flat_adamw") == flat for p in parts)
+    assert all((flat_adamw.installed(p) is not None) == flat for p in parts)
     assert sorted(g["wd_mult"] for g in opt.param_groups) == [0.0, 1.0]  # weights; biases and norms
     return cfg, model, ddp, opt, parts
 
@@ -44,6 +45,7 @@ def _optimizer_tensors(parts):
 def _train(rank, world, dtype):
     """Megatron's path (A) and the flat step (B) side by side in one process: every step starts
     both from the same weights and state (B is synced to A after each comparison)."""
+    from megatron_eagle.training import flat_adamw
     from megatron_eagle.training.step import forward_backward, guarded_optimizer_step
     from tests.model_fixtures import mixed_pack
 
@@ -82,7 +84,7 @@ def _train(rank, world, dtype):
             for p in parts_b:
                 p.optimizer.load_state_dict(p.optimizer.state_dict())
     for p in parts_b:
-        f = p.flat_adamw
+        f = flat_adamw.installed(p)
         assert f._still_bound() and f.step_count == 4
         for seg in f.segments:  # the optimizer's tensors really are views of the flat buffers
             for mp, a, b in seg.params:
@@ -227,7 +229,7 @@ def _oom_at_bind(rank, world):
             said = any("ran out of memory" in str(w.message) for w in caught)
             assert said == (flat and step == 0), (flat, step)
             if flat and step == 0:
-                assert not any(hasattr(p, "flat_adamw") for p in parts)  # uninstalled after the OOM
+                assert not any(flat_adamw.installed(p) is not None for p in parts)  # uninstalled after the OOM
         out[flat] = {k: v.detach().float().clone() for k, v in model.state_dict().items()
                      if torch.is_tensor(v) and v.is_floating_point()}
     return out

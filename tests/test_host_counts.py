@@ -14,7 +14,7 @@ from tests.dist import run_distributed
 
 def _case(rank, world):
     from megatron_eagle.config import ParallelConfig
-    from megatron_eagle.models.batch import IGNORE_INDEX
+    from megatron_eagle.batch import IGNORE_INDEX
     from megatron_eagle.models.eagle import EagleModel
     from megatron_eagle.runtime.distributed import init_model_parallel
     from tests.model_fixtures import mixed_pack, tiny_model_config

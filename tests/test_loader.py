@@ -14,7 +14,7 @@ import torch
 
 from megatron_eagle.config import ConfigError, preset_model_config
 from megatron_eagle.data.loading.loader import StageLoader, build_stage_loader, needs_data, needs_media
-from megatron_eagle.data.loading.pack_builder import check_batch, normalize_pixels
+from megatron_eagle.data.loading.pack_builder import check_batch
 from megatron_eagle.data.shards import load_index
 from tests.dist import run_distributed
 from tests.loader_fixtures import build_loader_dataset, write_curriculum
@@ -169,8 +169,8 @@ def corrupt_member(root, rec, member) -> None:
 
 
 def test_bad_media_is_blanked_logged_and_counted(data, reference, tmp_path, caplog):
+    from megatron_eagle.batch import loss_weights_for
     from megatron_eagle.data.loading.pack_builder import BLANK_FLOAT, ROW_BLANKED
-    from megatron_eagle.models.batch import loss_weights_for
 
     bad = tmp_path / "bad"
     shutil.copytree(data["prepared"], bad)
@@ -225,6 +225,8 @@ def test_fsspec_url_reads_the_same_batches(data, reference, tmp_path):
 
 
 def test_text_only_stages_uint8_pixels_and_needs_data(data, reference):
+    from megatron_eagle.models.vision import normalize_pixels
+
     assert [needs_data(r, 4) for r in range(4)] == [True, False, False, True]
     assert [needs_media(r, 4) for r in range(4)] == [True, False, False, False]
     ref = reference[0][:2]
@@ -236,7 +238,8 @@ def test_text_only_stages_uint8_pixels_and_needs_data(data, reference):
     raw = stream(loader(data, 0, pixel_dtype="uint8"), steps=2)
     for a, b in zip(raw, ref):
         for x, y in zip(a, b):
-            assert x.pixel_values.dtype == torch.uint8 and same_batch(normalize_pixels(x), y)
+            normalized = replace(x, pixel_values=normalize_pixels(x.pixel_values))
+            assert x.pixel_values.dtype == torch.uint8 and same_batch(normalized, y)
 
 
 def test_cp_and_sequence_parallel_padding(data, tmp_path):
@@ -378,7 +381,7 @@ def _cp2_agreement(rank, world, curs, victim, diverged):
     from megatron.core import parallel_state as ps
 
     from megatron_eagle.config import ParallelConfig, preset_model_config
-    from megatron_eagle.models.batch import loss_weights_for
+    from megatron_eagle.batch import loss_weights_for
     from megatron_eagle.runtime.distributed import init_model_parallel, replica_group
     from megatron_eagle.training.agreement import agree_on_batches
     from tests.model_fixtures import full_reference_state

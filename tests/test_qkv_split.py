@@ -4,8 +4,11 @@ import megatron.core.transformer.attention as megatron_attention
 import pytest
 import torch
 
-from megatron_eagle.models import attention, cudnn_attention, cudnn_sbhd_attention, specs  # noqa: F401  (specs patches)
+from megatron_eagle.kernels import cudnn_strided
+from megatron_eagle.kernels.cudnn_graphs import CudnnGraphs, CudnnUnsupported
+from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.models.qkv_split import shared_buffer, split_along_dim
+from megatron_eagle.patches import split_along_dim as split_patch
 
 S, B, H, D = 5, 3, 4, 8  # ViT-like: one q head per group, per head [q | k | v]
 
@@ -45,8 +48,8 @@ class _SharedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        dq, dk, dv = cudnn_sbhd_attention._grad_buffers(
-            ctx.q, ctx.k, ctx.v, cudnn_sbhd_attention.packed_qkv_base(ctx.q, ctx.k, ctx.v))
+        dq, dk, dv = cudnn_strided.grad_buffers(
+            ctx.q, ctx.k, ctx.v, cudnn_strided.packed_qkv_base(ctx.q, ctx.k, ctx.v))
         for dst, src in zip((dq, dk, dv), (gq, gk, gv)):
             dst.copy_(src)
         _SharedGrads.seen = dq
@@ -56,8 +59,8 @@ class _SharedGrads(torch.autograd.Function):
 def test_gradients_in_one_buffer_come_back_without_a_copy():
     mixed = _mixed()
     q, k, v = split_along_dim(mixed, 3, [D, D, D])
-    assert cudnn_sbhd_attention.packed_qkv_base(q, k, v)
-    assert cudnn_sbhd_attention._grad_layouts(q, k, v, True) == tuple((tuple(x.shape), x.stride()) for x in (q, k, v))
+    assert cudnn_strided.packed_qkv_base(q, k, v)
+    assert cudnn_strided.grad_layouts(q, k, v, True) == tuple((tuple(x.shape), x.stride()) for x in (q, k, v))
     outs = _SharedGrads.apply(q, k, v)
     w = [torch.randn_like(t) for t in outs]
     captured = {}
@@ -82,23 +85,28 @@ def test_shared_buffer_rejects_misplaced_slices():
 def test_packed_base_needs_disjoint_equal_strided_slices():
     buf = torch.randn(S, B, H, 3 * D)
     q, k, v = torch.split(buf, [D, D, D], dim=3)
-    assert cudnn_sbhd_attention.packed_qkv_base(q, k, v)
-    assert not cudnn_sbhd_attention.packed_qkv_base(q, q, v)  # overlapping
-    assert not cudnn_sbhd_attention.packed_qkv_base(q, k.contiguous(), v)
+    assert cudnn_strided.packed_qkv_base(q, k, v)
+    assert not cudnn_strided.packed_qkv_base(q, q, v)  # overlapping
+    assert not cudnn_strided.packed_qkv_base(q, k.contiguous(), v)
     gqa = torch.randn(S, B, 2, 3 * D)
-    assert not cudnn_sbhd_attention.packed_qkv_base(q, *torch.split(gqa, [D, D, D], dim=3)[1:])
+    assert not cudnn_strided.packed_qkv_base(q, *torch.split(gqa, [D, D, D], dim=3)[1:])
     # separate tensors: contiguous gradient buffers
     sep = [torch.randn(S, B, H, D) for _ in range(3)]
-    assert not cudnn_sbhd_attention.packed_qkv_base(*sep)
-    assert all(x.is_contiguous() for x in cudnn_sbhd_attention._grad_buffers(*sep, False))
+    assert not cudnn_strided.packed_qkv_base(*sep)
+    assert all(x.is_contiguous() for x in cudnn_strided.grad_buffers(*sep, False))
 
 
-def test_megatron_uses_the_copy_free_split_and_cpu_attention_takes_sdpa(recwarn):
+def test_megatron_uses_the_copy_free_split_and_cpu_attention_takes_sdpa(recwarn, monkeypatch):
+    monkeypatch.setattr(megatron_attention, "SplitAlongDim", None)  # as without transformer-engine
+    split_patch.install()
     assert megatron_attention.SplitAlongDim is split_along_dim
     q, k, v = (torch.randn(S, B, H, D) for _ in range(3))
-    assert "CUDA" in cudnn_sbhd_attention.unusable_reason(q, k, v)
-    with pytest.raises(cudnn_attention.CudnnUnsupported):
-        cudnn_sbhd_attention.cudnn_sbhd_attention(q, k, v, False, 0.5)
-    assert attention.sbhd_cudnn(q, k, v, False, 0.5) is None
-    assert "empty" in cudnn_sbhd_attention.unusable_reason(*(torch.randn(S, 0, H, D) for _ in range(3)))
+    strided = cudnn_strided.CudnnStrided(CudnnGraphs())
+    assert "CUDA" in strided.unusable_reason(q, k, v)
+    with pytest.raises(CudnnUnsupported):
+        strided(q, k, v, False, 0.5)
+    out = AttentionKernels("cudnn").strided(q, k, v, False, 0.5)  # SDPA on CPU tensors
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), scale=0.5)
+    torch.testing.assert_close(out, ref.permute(2, 0, 1, 3))
+    assert "empty" in strided.unusable_reason(*(torch.randn(S, 0, H, D) for _ in range(3)))
     assert not [w for w in recwarn if "cuDNN [s, b, h, d]" in str(w.message)]  # no warning on CPU

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_eagle.models.batch import IGNORE_INDEX, PackedBatch, pack_samples
+from megatron_eagle.batch import IGNORE_INDEX, PackedBatch, pack_samples
 
 
 def inference_batch(samples: Sequence[tuple[torch.Tensor, Optional[torch.Tensor]]], tile_size: int,

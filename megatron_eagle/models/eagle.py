@@ -1,20 +1,23 @@
 """Eagle 2.5 on megatron-core: SigLIP ViT -> pixel shuffle -> MLP connector -> Qwen2.5.
 
 The whole path from a packed batch to the loss is :meth:`EagleModel.forward`:
-tiles -> ViT -> pixel shuffle -> connector -> replace <IMG_CONTEXT> embeddings ->
-Qwen2 decoder (packed causal attention, RoPE restarting per sub-sample) -> weighted
-chunked cross-entropy. With PP the ViT and connector live on the first stage and the
-loss on the last; ``set_input_tensor`` feeds the middle stages.
+this rank's layout of the pack -> tiles -> ViT -> pixel shuffle -> connector -> replace
+<IMG_CONTEXT> embeddings -> Qwen2 decoder (packed causal attention, RoPE restarting per
+sub-sample) -> weighted chunked cross-entropy -> summed over CP. Without context parallelism
+the layout is the identity; with it, each CP rank holds a zigzag share of the pack and the
+visual tokens its slots need (:mod:`megatron_eagle.parallel.layout`). With PP the ViT and
+connector live on the first stage and the loss on the last; ``set_input_tensor`` feeds the
+middle stages.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import itertools
+from typing import Iterator
 
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -22,22 +25,16 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_eagle.batch import PackedBatch
 from megatron_eagle.config import FreezeConfig, ModelConfig, ParallelConfig
-from megatron_eagle.models.batch import PackedBatch
+from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.models.connector import MLPConnector, pixel_shuffle
 from megatron_eagle.models.loss import chunked_weighted_ce, full_logits
-from megatron_eagle.models import rope as _rope  # noqa: F401  (sync-free packed RoPE)
 from megatron_eagle.models.specs import llm_block_spec
 from megatron_eagle.models.transformer_configs import llm_transformer_config, vision_transformer_config
 from megatron_eagle.models.vision import SiglipVisionModel
 from megatron_eagle.parallel.groups import build_cp_context
-from megatron_eagle.parallel.model_forward import cp_forward
-
-
-def packed_seq_params(batch: PackedBatch) -> PackedSeqParams:
-    cu = batch.cu_seqlens.to(torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+from megatron_eagle.parallel.layout import PackLayout, layout_pack
 
 
 class EagleModel(MegatronModule):
@@ -51,20 +48,21 @@ class EagleModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process, self.post_process = pre_process, post_process
         self.chunk_tokens = chunk_tokens
-        backend = model.attention_backend
+        # One attention dispatcher (``attention_backend``) for every layer, ViT and LLM.
+        self.attention_kernels = AttentionKernels(model.attention_backend)
         if pre_process:
             vit_cfg = vision_transformer_config(model.vision, model, parallel)
-            self.vision_model = SiglipVisionModel(vit_cfg, model.vision, backend)
+            self.vision_model = SiglipVisionModel(vit_cfg, model.vision, self.attention_kernels)
             shuffled = int(model.vision.hidden_size / model.downsample_ratio ** 2)
             self.connector = MLPConnector(llm_cfg, shuffled, model.llm.hidden_size)
         self.language_model = GPTModel(
-            config=llm_cfg, transformer_layer_spec=llm_block_spec(llm_cfg, backend), vocab_size=model.llm.vocab_size,
-            max_sequence_length=model.llm.max_position_embeddings, pre_process=pre_process,
+            config=llm_cfg, transformer_layer_spec=llm_block_spec(llm_cfg, self.attention_kernels),
+            vocab_size=model.llm.vocab_size, max_sequence_length=model.llm.max_position_embeddings, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=model.llm.tie_embeddings,
             position_embedding_type="rope", rotary_base=model.llm.rope_theta,
             scatter_embedding_sequence_parallel=False)
         # Context parallelism (cp > 1): zigzag split, CP attention, vision DP inside the CP group.
-        self.cp_ctx = build_cp_context(parallel, model.llm.num_heads, backend) if parallel.cp > 1 else None
+        self.cp_ctx = build_cp_context(parallel, model.llm.num_heads) if parallel.cp > 1 else None
 
     # -- pipeline plumbing -------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -87,19 +85,19 @@ class EagleModel(MegatronModule):
         feats = pixel_shuffle(feats.reshape(n, g, g, c), self.model_cfg.downsample_ratio)
         return self.connector(feats.reshape(-1, feats.shape[-1]))
 
-    def embed(self, tokens: torch.Tensor, pixel_values: torch.Tensor,
-              host_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Text embeddings with visual tokens in the <IMG_CONTEXT> slots: [T, 1, H] (SP-scattered).
-        ``host_tokens``: the same tokens on the CPU, to count the slots without a device sync."""
-        emb = self.language_model.embedding(input_ids=tokens.unsqueeze(0), position_ids=None)  # [T, 1, H]
-        slots = tokens == self.model_cfg.image_token_id
-        n_slots = int((host_tokens == self.model_cfg.image_token_id).sum() if host_tokens is not None
-                      else slots.sum())
-        if pixel_values.shape[0] or n_slots:
-            vis = self.encode_images(pixel_values) if pixel_values.shape[0] else emb.new_zeros(0, emb.shape[-1])
-            if vis.shape[0] != n_slots:
-                raise ValueError(f"batch has {n_slots} <IMG_CONTEXT> tokens but its {pixel_values.shape[0]} tiles "
-                                 f"give {vis.shape[0]} visual tokens ({self.model_cfg.tokens_per_tile} per tile)")
+    def _visual_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return itertools.chain(self.vision_model.parameters(), self.connector.parameters())
+
+    def embed(self, layout: PackLayout) -> torch.Tensor:
+        """Embeddings of ``layout.tokens`` with visual tokens in the <IMG_CONTEXT> slots: [t, 1, H]
+        (SP-scattered)."""
+        tokens = layout.tokens
+        emb = self.language_model.embedding(input_ids=tokens.unsqueeze(0), position_ids=None)  # [t, 1, H]
+        cfg = self.model_cfg
+        vis = layout.visual_tokens(self.encode_images, cfg.image_token_id, cfg.tokens_per_tile, emb,
+                                   keepalive=self._visual_parameters())
+        if vis is not None:
+            slots = tokens == cfg.image_token_id
             emb = emb.masked_scatter(slots.view(-1, 1, 1), vis.to(emb.dtype).unsqueeze(1))
         if self.config.sequence_parallel:
             if emb.shape[0] % self.config.tensor_model_parallel_size:
@@ -111,24 +109,19 @@ class EagleModel(MegatronModule):
     def forward(self, batch: PackedBatch, return_hidden: bool = False) -> torch.Tensor:
         """Loss Σ w·CE on the last stage (or final hidden [T, H] if ``return_hidden``);
         the activations for the next stage elsewhere."""
-        if self.cp_ctx is not None:
-            return cp_forward(self, batch, return_hidden)
-        host = batch.host_view()  # data-dependent counts from the CPU copy: no device syncs mid-step
-        decoder_input = self.embed(batch.tokens, batch.pixel_values, host.tokens if host is not None else None) \
-            if self.pre_process else None
-        rotary = self.language_model.rotary_pos_emb(batch.max_seqlen, packed_seq=True)
+        layout = layout_pack(batch, self.cp_ctx, self.model_cfg.image_token_id)  # identity without CP
+        decoder_input = self.embed(layout) if self.pre_process else None
+        rotary = self.language_model.rotary_pos_emb(layout.max_seqlen, packed_seq=True)
         hidden = self.language_model.decoder(hidden_states=decoder_input, attention_mask=None,
-                                             rotary_pos_emb=rotary, packed_seq_params=packed_seq_params(batch))
+                                             rotary_pos_emb=rotary, packed_seq_params=layout.packed_seq_params())
         if not self.post_process:
             return hidden
         hidden = self._full_sequence(hidden).squeeze(1)
         if return_hidden:
-            return hidden
-        supervised = None
-        if host is not None:
-            supervised = (host.labels >= 0).nonzero(as_tuple=True)[0].to(hidden.device, non_blocking=True)
-        return chunked_weighted_ce(hidden, self.output_weight(), batch.labels, batch.loss_weights,
-                                   self.chunk_tokens, supervised=supervised)
+            return layout.gather_full(hidden)
+        loss = chunked_weighted_ce(hidden, self.output_weight(), layout.labels, layout.loss_weights,
+                                   self.chunk_tokens, supervised=layout.supervised_positions(hidden.device))
+        return layout.reduce_loss(loss)
 
     def _full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
         # Each TP rank projects onto its vocab shard, so d(hidden) must be summed across TP.

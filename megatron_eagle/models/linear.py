@@ -2,7 +2,7 @@
 
 megatron-core's linear autograd function computes ``matmul(x, Wᵀ)`` and then ``+ bias`` as a
 separate elementwise pass over the whole output. For the ViT's qkv projection that pass is
-[25K, 3456] per layer at 8K packs: 6 ms of an H100 step (BENCHMARKS.md, fourth session).
+[25K, 3456] per layer at 8K packs: 6 ms of an H100 step.
 ``torch.addmm(bias, x, Wᵀ)`` adds the bias in the GEMM's epilogue instead, and rounds once
 rather than twice. Only the forward changes: the backward (weight-gradient fusion, bias
 gradient, TP/SP communication) is megatron's, inherited unchanged.

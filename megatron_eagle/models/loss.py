@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # The GEMM runs in the weights' dtype (bf16: tensor cores, fp32 accumulation), the softmax in
     # fp32. An fp32 GEMM here runs off the tensor cores and copies the whole [V, H] weight to fp32
-    # for every chunk (BENCHMARKS.md, issue 8, measures both).
+    # for every chunk.
     logits = torch.matmul(hidden.to(weight.dtype), weight.t()).float()  # [c, V/tp]
     return tensor_parallel.vocab_parallel_cross_entropy(logits.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
 

@@ -3,11 +3,11 @@
 megatron-core splits ``mixed_qkv`` [s, b, groups, (q + k + v) * d] into query, key and value views
 with ``torch.split`` (or transformer-engine's ``SplitAlongDim`` when TE is installed). Autograd's
 backward of ``torch.split`` concatenates dq, dk and dv into a new tensor: for the ViT that is a
-[25K, 3456] copy per layer (6.7 ms of an H100 step at 8K, BENCHMARKS.md, fourth session).
+[25K, 3456] copy per layer (6.7 ms of an H100 step at 8K).
 
 :func:`split_along_dim` is the same split. Its backward returns the buffer the three gradients
 already live in, without copying, when they are the matching slices of one contiguous buffer shaped
-like ``mixed_qkv`` (what :mod:`megatron_eagle.models.cudnn_sbhd_attention` writes). Otherwise it
+like ``mixed_qkv`` (what :mod:`megatron_eagle.kernels.cudnn_strided` writes). Otherwise it
 concatenates, exactly like ``torch.split``. Like TE's ``SplitAlongDim``, which megatron uses when TE
 is importable; this one takes its place when TE is not.
 """

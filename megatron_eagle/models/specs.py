@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import megatron.core.transformer.attention as megatron_attention
-from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -14,18 +13,13 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.models.attention import PackedCoreAttention
 from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
 from megatron_eagle.models.norm import Norm
-from megatron_eagle.models.qkv_split import split_along_dim
-
-# megatron splits the fused qkv with transformer-engine's copy-free SplitAlongDim when TE is
-# installed and with torch.split (a concatenation in the backward) otherwise: fill that gap.
-if megatron_attention.SplitAlongDim is None:
-    megatron_attention.SplitAlongDim = split_along_dim
 
 
-def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
+def _layer_spec(mask: AttnMaskType, kernels: AttentionKernels) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -35,7 +29,7 @@ def _layer_spec(mask: AttnMaskType, backend: str) -> ModuleSpec:
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=BiasInGemmColumnParallelLinear,  # qkv biases (ViT, Qwen2) in the GEMM
-                    core_attention=ModuleSpec(module=PackedCoreAttention, params={"backend": backend}),
+                    core_attention=ModuleSpec(module=PackedCoreAttention, params={"kernels": kernels}),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -54,11 +48,11 @@ def _block(layer: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)
 
 
-def vit_block_spec(config: TransformerConfig, backend: str = "auto") -> TransformerBlockSubmodules:
+def vit_block_spec(config: TransformerConfig, kernels: AttentionKernels) -> TransformerBlockSubmodules:
     """SigLIP layers: LayerNorm, bidirectional attention, GELU-tanh MLP (biases from config)."""
-    return _block(_layer_spec(AttnMaskType.no_mask, backend), config.num_layers)
+    return _block(_layer_spec(AttnMaskType.no_mask, kernels), config.num_layers)
 
 
-def llm_block_spec(config: TransformerConfig, backend: str = "auto") -> TransformerBlockSubmodules:
+def llm_block_spec(config: TransformerConfig, kernels: AttentionKernels) -> TransformerBlockSubmodules:
     """This pipeline stage's Qwen2 layers: RMSNorm, causal packed attention, SwiGLU."""
-    return _block(_layer_spec(AttnMaskType.causal, backend), get_num_layers_to_build(config))
+    return _block(_layer_spec(AttnMaskType.causal, kernels), get_num_layers_to_build(config))

@@ -99,7 +99,7 @@ def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelC
         **_recompute(model.recompute_llm),
         **dict(_common(parallel, model),
                # megatron's fused SwiGLU (saves only its input for backward): on an H100, -7.7 GiB and
-               # +2-8% tokens/s at 8K for eagle2.5-2b (BENCHMARKS.md). No fused residual add: the LLM's
+               # +2-8% tokens/s at 8K for eagle2.5-2b. No fused residual add: the LLM's
                # linears have no bias, so TorchScript's "fusion" is one add plus per-call overhead
                # (measured -20 ms of LLM forward on an H100 host).
                bias_activation_fusion=_fuse_elementwise()),

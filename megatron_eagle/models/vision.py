@@ -12,17 +12,32 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_eagle.config import VisionConfig
+from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.models.specs import vit_block_spec
+
+# SigLIP's preprocessing: pixels in [0, 1], then mean = std = 0.5 per channel.
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+
+
+def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB tiles -> the normalised float32 tiles the ViT takes (bit-identical to the loader's
+    float32 path); float tiles (already normalised) pass unchanged. The loader may ship raw bytes
+    (4x fewer to move); they are normalised here, on the model's device."""
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values
+    return (pixel_values.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
 
 
 class SiglipVisionModel(MegatronModule):
-    """Tiles [n, 3, S, S] -> patch features [n, (S/p)^2, C] after the post-layernorm.
+    """Tiles [n, 3, S, S] (normalised floats, or uint8 RGB) -> patch features [n, (S/p)^2, C] after the
+    post-layernorm.
 
     Patch and position embeddings are small and replicated across TP ranks; the
     transformer layers are tensor-parallel (and sequence-parallel when enabled).
     """
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, backend: str = "auto"):
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, kernels: AttentionKernels):
         super().__init__(config=config)
         self.vision = vision
         c = vision.hidden_size
@@ -30,7 +45,7 @@ class SiglipVisionModel(MegatronModule):
                                                dtype=config.params_dtype)
         self.num_patches = vision.patches_per_side ** 2
         self.position_embedding = torch.nn.Embedding(self.num_patches, c, dtype=config.params_dtype)
-        self.encoder = TransformerBlock(config=config, spec=vit_block_spec(config, backend), pre_process=True,
+        self.encoder = TransformerBlock(config=config, spec=vit_block_spec(config, kernels), pre_process=True,
                                         post_process=True)  # post_process adds SigLIP's post-layernorm
         std = config.init_method_std
         for p in (self.patch_embedding.weight, self.position_embedding.weight):
@@ -38,7 +53,8 @@ class SiglipVisionModel(MegatronModule):
         torch.nn.init.zeros_(self.patch_embedding.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, C, g, g]
+        pixels = normalize_pixels(pixel_values).to(self.patch_embedding.weight.dtype)
+        x = self.patch_embedding(pixels)  # [n, C, g, g]
         x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # [n, g*g, C], row-major patches
         x = x.transpose(0, 1).contiguous()  # [s, b, C] for megatron
         if self.config.sequence_parallel:

@@ -24,18 +24,32 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.parallel.comm import RingExchange, all_gather_rows, all_to_all_rows, reduce_scatter_rows
 from megatron_eagle.parallel.cp_split import CPLayout, ranges
-from megatron_eagle.parallel.kernels import block_bwd, block_fwd, merge_into, varlen_attention
 
 
-@dataclass
-class CPPackedSeqParams(PackedSeqParams):
-    """PackedSeqParams (global padded cu_seqlens, for megatron's RoPE) carrying this rank's layout."""
+def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor,
+               rows: Optional[torch.Tensor] = None) -> None:
+    """Online-softmax merge of a block's (out, lse) into fp32 accumulators, in place.
 
-    cp_layout: Optional[CPLayout] = None
+    ``rows`` selects the accumulator rows the block covers (None: all). Rows whose two lse are
+    both -inf stay 0 / -inf (no NaN)."""
+    o_acc = out if rows is None else out.index_select(0, rows)
+    l_acc = lse if rows is None else lse.index_select(1, rows)
+    new = torch.logaddexp(l_acc, blk_lse)
+    finite = torch.isfinite(new)
+    safe = torch.where(finite, new, torch.zeros_like(new))
+    a = torch.where(finite, torch.exp(l_acc - safe), torch.zeros_like(new)).t().unsqueeze(-1)
+    b = torch.where(finite, torch.exp(blk_lse - safe), torch.zeros_like(new)).t().unsqueeze(-1)
+    merged = o_acc * a + blk_out.float() * b
+    if rows is None:
+        out.copy_(merged)
+        lse.copy_(new)
+    else:
+        out.index_copy_(0, rows, merged)
+        lse.index_copy_(1, rows, new)
 
 
 # ----------------------------------------------------------------------------- ring
@@ -60,7 +74,8 @@ def ring_plan(cu_ring: torch.Tensor) -> RingPlan:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, group, ranks: list, rank: int, scale: float, backend: str):
+    def forward(ctx, q, k, v, plan: RingPlan, group, ranks: list, rank: int, scale: float,
+                kernels: AttentionKernels):
         n = len(ranks)
         p = plan
         out = torch.zeros(q.shape[:2] + v.shape[-1:], dtype=torch.float32, device=q.device)
@@ -72,27 +87,27 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % n
             kk, vv = kv[0], kv[1]
             if step == 0:
-                o, l = block_fwd(q, kk, vv, p.cu, p.cu, p.max, p.max, True, scale, backend)
+                o, l = kernels.block_forward(q, kk, vv, p.cu, p.cu, p.max, p.max, True, scale)
                 merge_into(out, lse, o, l)
             elif src < rank:
-                o, l = block_fwd(q, kk[p.front], vv[p.front], p.cu, p.cu_half, p.max, p.max_half, False, scale,
-                                 backend)
+                o, l = kernels.block_forward(q, kk[p.front], vv[p.front], p.cu, p.cu_half, p.max, p.max_half, False,
+                                             scale)
                 merge_into(out, lse, o, l)
             else:
-                o, l = block_fwd(q[p.back], kk, vv, p.cu_half, p.cu, p.max_half, p.max, False, scale, backend)
+                o, l = kernels.block_forward(q[p.back], kk, vv, p.cu_half, p.cu, p.max_half, p.max, False, scale)
                 merge_into(out, lse, o, l, rows=p.back)
             if nxt is not None:
                 comm.wait()
                 kv = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (plan, group, ranks, rank, scale, backend)
+        ctx.args = (plan, group, ranks, rank, scale, kernels)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        p, group, ranks, rank, scale, backend = ctx.args
+        p, group, ranks, rank, scale, kernels = ctx.args
         n = len(ranks)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv_comm = RingExchange(group, ranks, rank, tag=2)
@@ -104,19 +119,20 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % n
             kk, vv = kv[0], kv[1]
             if step == 0:
-                dq_, dk_, dv_ = block_bwd(dout, q, kk, vv, out, lse, p.cu, p.cu, p.max, p.max, True, scale, backend)
+                dq_, dk_, dv_ = kernels.block_backward(dout, q, kk, vv, out, lse, p.cu, p.cu, p.max, p.max, True,
+                                                       scale)
                 dq += dq_
                 blk = torch.stack([dk_, dv_]).float()
             elif src < rank:
-                dq_, dk_, dv_ = block_bwd(dout, q, kk[p.front], vv[p.front], out, lse, p.cu, p.cu_half, p.max,
-                                          p.max_half, False, scale, backend)
+                dq_, dk_, dv_ = kernels.block_backward(dout, q, kk[p.front], vv[p.front], out, lse, p.cu, p.cu_half,
+                                                       p.max, p.max_half, False, scale)
                 dq += dq_
                 blk = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
                 blk[:, p.front] = torch.stack([dk_, dv_]).float()
             else:
                 b = p.back
-                dq_, dk_, dv_ = block_bwd(dout[b], q[b], kk, vv, out[b], lse[:, b], p.cu_half, p.cu, p.max_half,
-                                          p.max, False, scale, backend)
+                dq_, dk_, dv_ = kernels.block_backward(dout[b], q[b], kk, vv, out[b], lse[:, b], p.cu_half, p.cu,
+                                                       p.max_half, p.max, False, scale)
                 dq.index_add_(0, b, dq_.float())
                 blk = torch.stack([dk_, dv_]).float()
             if dkv_in is not None:  # the accumulator for src's K/V, from the ranks that held it before
@@ -131,10 +147,10 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, plan: RingPlan, group, ranks: list, rank: int, scale: float,
-                   backend: str = "auto") -> torch.Tensor:
+                   kernels: AttentionKernels) -> torch.Tensor:
     if len(ranks) == 1:
-        return varlen_attention(q, k, v, plan.cu, plan.cu, plan.max, plan.max, True, scale, backend)
-    return _RingAttention.apply(q, k, v, plan, group, ranks, rank, scale, backend)
+        return kernels.varlen(q, k, v, plan.cu, plan.cu, plan.max, plan.max, True, scale)
+    return _RingAttention.apply(q, k, v, plan, group, ranks, rank, scale, kernels)
 
 
 # ----------------------------------------------------------------------------- all-gather KV
@@ -167,24 +183,24 @@ def gather_plan(layout: CPLayout) -> GatherPlan:
 
 class _AllGatherKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: GatherPlan, group, scale: float, backend: str):
+    def forward(ctx, q, k, v, plan: GatherPlan, group, scale: float, kernels: AttentionKernels):
         every = all_gather_rows(torch.stack([k, v], 1), group)  # [P*t, 2, hk, d]
         sel = every.index_select(0, plan.kv_rows)
-        o, lse = block_fwd(q, sel[:, 0], sel[:, 1], plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, True, scale,
-                           backend)
+        o, lse = kernels.block_forward(q, sel[:, 0], sel[:, 1], plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, True,
+                                       scale)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)  # gathered K/V is re-gathered in backward, not kept
-        ctx.args = (plan, group, scale, backend)
+        ctx.args = (plan, group, scale, kernels)
         return o
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, o, lse = ctx.saved_tensors
-        plan, group, scale, backend = ctx.args
+        plan, group, scale, kernels = ctx.args
         every = all_gather_rows(torch.stack([k, v], 1), group)
         sel = every.index_select(0, plan.kv_rows)
-        dq, dks, dvs = block_bwd(dout, q, sel[:, 0], sel[:, 1], o, lse, plan.cu_q, plan.cu_k, plan.max_q,
-                                 plan.max_k, True, scale, backend)
+        dq, dks, dvs = kernels.block_backward(dout, q, sel[:, 0], sel[:, 1], o, lse, plan.cu_q, plan.cu_k,
+                                              plan.max_q, plan.max_k, True, scale)
         d_every = torch.zeros(every.shape, dtype=torch.float32, device=q.device)
         d_every.index_add_(0, plan.kv_rows, torch.stack([dks, dvs], 1).float())
         d_local = reduce_scatter_rows(d_every, group)
@@ -243,7 +259,7 @@ def _seq_to_heads(y: torch.Tensor, heads: list[tuple[int, int]], u: int, group) 
     return torch.cat([p.view(t, b - a, d) for p, (a, b) in zip(parts, heads)], dim=1)
 
 
-def ulysses_attention(q, k, v, layout: CPLayout, scale: float, backend: str = "auto") -> torch.Tensor:
+def ulysses_attention(q, k, v, layout: CPLayout, scale: float, kernels: AttentionKernels) -> torch.Tensor:
     ctx = layout.ctx
     hq, hk = q.shape[1], k.shape[1]
     plan: UlyssesPlan = layout.cached(("ulysses", hq, hk), lambda: ulysses_plan(layout, hq, hk))
@@ -255,20 +271,20 @@ def ulysses_attention(q, k, v, layout: CPLayout, scale: float, backend: str = "a
         kg, vg = kg.index_select(1, plan.kv_expand), vg.index_select(1, plan.kv_expand)
     R = ctx.ring
     rp: RingPlan = layout.cached(("ring", R), lambda: ring_plan(layout.cu_global.long() // R))
-    o = ring_attention(qg, kg, vg, rp, ctx.inter_group, ctx.inter_ranks or [0], ctx.inter_rank, scale, backend)
+    o = ring_attention(qg, kg, vg, rp, ctx.inter_group, ctx.inter_ranks or [0], ctx.inter_rank, scale, kernels)
     return _seq_to_heads(o.index_select(0, plan.inv), plan.q_heads, u, g)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: CPLayout, scale: float,
-                 backend: str = "auto") -> torch.Tensor:
-    """Causal packed attention of this rank's rows over the whole (CP-split) pack."""
+                 kernels: AttentionKernels) -> torch.Tensor:
+    """Causal packed attention of this rank's rows over the whole (CP-split) pack, on ``kernels``' blocks."""
     ctx = layout.ctx
     if ctx.variant == "allgather":
         plan = layout.cached("gather", lambda: gather_plan(layout))
-        return _AllGatherKV.apply(q, k, v, plan, ctx.group, scale, backend)
+        return _AllGatherKV.apply(q, k, v, plan, ctx.group, scale, kernels)
     if ctx.ulysses == 1:
         plan = layout.cached(("ring", ctx.size), lambda: ring_plan(layout.cu_local.long()))
-        return ring_attention(q, k, v, plan, ctx.group, ctx.ranks, ctx.rank, scale, backend)
-    return ulysses_attention(q, k, v, layout, scale, backend)
+        return ring_attention(q, k, v, plan, ctx.group, ctx.ranks, ctx.rank, scale, kernels)
+    return ulysses_attention(q, k, v, layout, scale, kernels)

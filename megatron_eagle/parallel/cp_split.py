@@ -19,8 +19,9 @@ import dataclasses
 from typing import Optional
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_eagle.models.batch import IGNORE_INDEX, PackedBatch
+from megatron_eagle.batch import IGNORE_INDEX, PackedBatch
 from megatron_eagle.parallel.comm import gather_rows_replicated
 from megatron_eagle.parallel.groups import CPContext
 
@@ -94,9 +95,7 @@ class CPLayout:
             return own, idx
         return self.cached("owner", make)
 
-    def packed_seq_params(self):
-        from megatron_eagle.parallel.cp_attention import CPPackedSeqParams
-
+    def packed_seq_params(self) -> "CPPackedSeqParams":
         cu = self.cu_global.to(torch.int32)
         return CPPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=self.max_seqlen,
                                  max_seqlen_kv=self.max_seqlen, cp_layout=self)
@@ -108,6 +107,13 @@ class CPLayout:
         own, idx = self.owner()
         rows = own[self.dst] * self.num_local + idx[self.dst]
         return every.index_select(0, rows)
+
+
+@dataclasses.dataclass
+class CPPackedSeqParams(PackedSeqParams):
+    """PackedSeqParams (global padded cu_seqlens, for megatron's RoPE) carrying this rank's layout."""
+
+    cp_layout: Optional[CPLayout] = None
 
 
 def padded_lengths(lengths: torch.Tensor, cp: int, sp_tp: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ Variants map onto a two-level split ``cp = U x R`` of the group in CP-rank order
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,9 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_eagle.config import ConfigError, ParallelConfig
+from megatron_eagle.config import ConfigError, ParallelConfig, ulysses_degree
 
-VARIANTS = ("ring", "allgather", "ulysses", "hybrid")
 _SUBGROUPS: dict[tuple, dict[tuple[int, ...], object]] = {}  # (all CP groups, U) -> ranks -> group
 
 
@@ -40,7 +38,6 @@ class CPContext:
     inter_group: object = None  # R strided CP ranks (ring level)
     inter_ranks: Optional[list[int]] = None  # global ranks of the ring level, in ring order
     sp_tp: int = 1  # local sequence length must divide by this (TP size under sequence parallelism)
-    backend: str = "auto"  # kernel choice, see kernels.py
 
     @property
     def size(self) -> int:
@@ -62,35 +59,6 @@ def gpus_per_node() -> int:
             return int(v)
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return n if n > 0 else 1 << 30
-
-
-def ulysses_degree(parallel: ParallelConfig, num_heads: int, local_gpus: Optional[int] = None) -> int:
-    """U for the configured variant; raises ConfigError naming the fix."""
-    cp, v = parallel.cp, parallel.cp_variant
-    heads = num_heads // parallel.tp  # query heads per TP rank
-    if v not in VARIANTS:
-        raise ConfigError("parallel.cp_variant", f"unknown {v!r}", f"use one of {list(VARIANTS)}")
-    if parallel.cp_ulysses and v != "hybrid":
-        raise ConfigError("parallel.cp_ulysses", f"only used by cp_variant=hybrid (got {v})",
-                          "remove it or set parallel.cp_variant=hybrid")
-    if v in ("ring", "allgather"):
-        return 1
-    if v == "ulysses":
-        if cp > heads:
-            raise ConfigError("parallel.cp_variant", f"ulysses splits heads over cp={cp} ranks but each TP rank has "
-                              f"{heads} query heads", "use cp_variant=hybrid (ulysses x ring), ring or allgather")
-        return cp
-    u = parallel.cp_ulysses
-    if u == 0:  # Eagle 2.5's rule: gcd(heads, cp), kept inside a node
-        cap = max(1, (local_gpus or gpus_per_node()) // parallel.tp)
-        u = max(d for d in range(1, math.gcd(heads, cp) + 1) if cp % d == 0 and heads % d == 0 and d <= cap)
-    if u < 1 or cp % u:
-        raise ConfigError("parallel.cp_ulysses", f"{u} does not divide cp={cp}",
-                          f"use one of {[d for d in range(1, cp + 1) if cp % d == 0]}")
-    if u > heads:
-        raise ConfigError("parallel.cp_ulysses", f"{u} > {heads} query heads per TP rank",
-                          f"use at most {heads} (a divisor of cp={cp})")
-    return u
 
 
 def _all_cp_groups() -> tuple[tuple[int, ...], ...]:
@@ -115,7 +83,7 @@ def _two_level_groups(cp_groups: tuple[tuple[int, ...], ...], u: int) -> dict[tu
     return _SUBGROUPS[key]
 
 
-def build_cp_context(parallel: ParallelConfig, num_heads: int, backend: str = "auto") -> Optional[CPContext]:
+def build_cp_context(parallel: ParallelConfig, num_heads: int) -> Optional[CPContext]:
     """The CP context of this rank (None when cp == 1). Collective over all ranks for hybrid."""
     if parallel.cp <= 1:
         return None
@@ -125,13 +93,13 @@ def build_cp_context(parallel: ParallelConfig, num_heads: int, backend: str = "a
         have = ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else None
         raise ConfigError("parallel.cp", f"{parallel.cp} but megatron's context-parallel group has size {have}",
                           "call init_model_parallel(tp, pp, cp) with the same cp before building the model")
-    u = ulysses_degree(parallel, num_heads)
+    u = ulysses_degree(parallel, num_heads, gpus_per_node())
     group = ps.get_context_parallel_group()
     ranks = list(ps.get_context_parallel_global_ranks())
     rank = ps.get_context_parallel_rank()
     r = parallel.cp // u
     ctx = CPContext(group=group, ranks=ranks, rank=rank, variant=parallel.cp_variant, ulysses=u, ring=r,
-                    sp_tp=parallel.tp if parallel.sp else 1, backend=backend)
+                    sp_tp=parallel.tp if parallel.sp else 1)
     if u == 1:
         ctx.inter_group, ctx.inter_ranks = group, ranks
     elif r == 1:

@@ -1,5 +1,7 @@
 """Runtime selection in one place: device, backend, and distributed init.
 
+:func:`init_distributed` is the runtime start: it installs the library's patches of megatron-core
+and torch (:func:`megatron_eagle.patches.install_all`, once) before anything else runs.
 NCCL + CUDA where GPUs exist, gloo + CPU otherwise. Rank/world come from torchrun
 (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/
 ``SLURM_LOCALID``); a single process with neither runs as world size 1.
@@ -14,8 +16,6 @@ import subprocess
 
 import torch
 import torch.distributed as dist
-
-from megatron_eagle.runtime import cpu_compat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,11 @@ def _slurm_master_addr() -> str | None:
 
 
 def init_distributed(timeout_s: int = 600) -> Runtime:
-    """Pick device/backend and initialise torch.distributed (idempotent)."""
+    """Install the patches, pick device/backend and initialise torch.distributed (idempotent)."""
+    from megatron_eagle.patches import install_all
+
+    install_all()  # the CPU bridge first where CUDA is absent
     cuda = torch.cuda.is_available()
-    if not cuda:
-        cpu_compat.install()
     rank, world, local_rank = launch_env()
     backend = "nccl" if cuda else "gloo"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -27,9 +27,9 @@ from typing import Literal, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_eagle.batch import IGNORE_INDEX
 from megatron_eagle.data.loading.broadcast import group_device
 from megatron_eagle.data.loading.pack_builder import ROW_BLANKED, ROW_LEFT_OUT, ROW_USED, LoaderBatch, blank_subsamples
-from megatron_eagle.models.batch import IGNORE_INDEX
 
 log = logging.getLogger("megatron_eagle.train")
 _FP = 4  # fingerprint entries per micro-batch: tokens, cu_seqlens entries, two checksums

@@ -28,8 +28,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from megatron_eagle.training import mcore_patches  # noqa: F401  (torch-AdamW reshardable load)
-
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -165,6 +165,21 @@ def _run_fused(master, grad, exp_avg, exp_avg_sq, out, groups, bits, *rest) -> N
     _eager_chunks(*args, bits, *rest)
 
 
+class FusedClipStep(Protocol):
+    """An optimizer part's update that applies the gradient clip itself (no separate clipping pass)."""
+
+    def clip_next_step(self, coeff: float) -> None:
+        """Scale the gradients of the coming step by ``coeff`` inside the update."""
+
+
+_INSTALLED = "_flat_adamw"  # the DistributedOptimizer attribute holding its FlatAdamW (this module's alone)
+
+
+def installed(part) -> Optional["FlatAdamW"]:
+    """The flat step :func:`enable` installed on one optimizer part; None where megatron's step runs."""
+    return vars(part).get(_INSTALLED)
+
+
 @dataclass
 class _Segment:
     """This rank's contiguous share of one bucket: [lo, hi) in the bucket's buffers."""
@@ -274,6 +289,10 @@ class FlatAdamW:
         return True
 
     # ------------------------------------------------------------------ step
+    def clip_next_step(self, coeff: float) -> None:
+        """Fold the clip coefficient into the coming step (:class:`FusedClipStep`)."""
+        self.grad_scale = coeff
+
     @torch.no_grad()
     def step(self, closure=None):
         """The inner optimizer's step: one fused update per bucket shard."""
@@ -311,7 +330,7 @@ class FlatAdamW:
         self.segments, self._bound = [], None
         inner.__dict__.pop("step", None)  # the class's AdamW.step again
         o.__dict__.pop("_copy_main_params_to_model_params", None)
-        o.__dict__.pop("flat_adamw", None)
+        o.__dict__.pop(_INSTALLED, None)
         warnings.warn("flat AdamW: binding the flat buffers ran out of memory; megatron's optimizer step "
                       "from now on")
         o._copy_model_grads_to_main_grads()  # the main grads this step (freed above)
@@ -355,6 +374,6 @@ def enable(optimizer) -> int:
 
         inner.step = flat.step
         part._copy_main_params_to_model_params = copy_unless_fused
-        part.flat_adamw = flat
+        setattr(part, _INSTALLED, flat)
         switched += 1
     return switched

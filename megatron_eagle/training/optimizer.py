@@ -9,7 +9,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_eagle.training import flat_adamw, wgrad_fusion
+from megatron_eagle.patches import wgrad_fusion
+from megatron_eagle.training import flat_adamw
 
 
 @dataclass
@@ -31,7 +32,7 @@ class OptimConfig:
     fused_adam: bool = True
     # Gradient buffers (and DP reduction) in fp32; False halves their memory (bf16 grads).
     grad_reduce_in_fp32: bool = True
-    # Weight-gradient GEMMs accumulate straight into the grad buffers (training/wgrad_fusion.py);
+    # Weight-gradient GEMMs accumulate straight into the grad buffers (patches/wgrad_fusion.py);
     # used where the GPU build of torch has the fused GEMM.
     wgrad_fusion: bool = True
     # One fused AdamW + clip + bf16-param-copy pass over flat per-bucket buffers
@@ -52,8 +53,23 @@ def wrap_ddp(model: torch.nn.Module, optim: OptimConfig, bf16: bool) -> Distribu
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
     device = next(model.parameters()).device
     if optim.wgrad_fusion and wgrad_fusion.available(device):
-        wgrad_fusion.enable(model)
+        enable_wgrad_fusion(model)
     return ddp
+
+
+def enable_wgrad_fusion(model: torch.nn.Module, on: bool = True) -> int:
+    """Switch weight-gradient accumulation into ``main_grad`` on (or off) for every Column/RowParallelLinear
+    of a DDP-wrapped model (needs apex or the ``wgrad_fusion`` patch); returns how many were switched."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if on and not wgrad_fusion.installed():
+        raise RuntimeError("weight-gradient fusion needs apex or megatron_eagle.patches.install_all() first")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
+            m.gradient_accumulation_fusion = on
+            n += 1
+    return n
 
 
 def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, bf16: bool):
@@ -65,7 +81,6 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, b
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather and torch.cuda.is_available(),
     )
-    use_foreach_multi_tensor()
     optimizer = get_megatron_optimizer(cfg, chunks)
     if optim.fused_adam:  # also for any part the flat step does not take
         use_fused_adamw(optimizer)
@@ -91,44 +106,6 @@ def use_fused_adamw(optimizer, require_cuda: bool = True) -> int:
         inner._step_supports_amp_scaling = True
         switched += 1
     return switched
-
-
-def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """Drop-in for amp_C.multi_tensor_l2norm: one foreach norm, no host syncs (megatron's local
-    fallback turns every per-tensor norm into a Python float)."""
-    tensors = [t for tl in tensor_lists for t in tl]
-    if not tensors:
-        return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
-
-
-def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
-    """Drop-in for amp_C.multi_tensor_scale (dst = src * scale) with foreach kernels."""
-    src, dst = tensor_lists[0], tensor_lists[1]
-    if not src:
-        return
-    if all(a is b for a, b in zip(src, dst)):
-        torch._foreach_mul_(dst, scale)
-    else:
-        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
-
-
-def use_foreach_multi_tensor(enable: bool = True) -> None:
-    """Without apex/transformer-engine megatron falls back to per-tensor Python loops for the grad
-    norm and clipping (``megatron.core.utils.local_multi_tensor_*``); swap in foreach versions
-    (or back). Only the local fallbacks are replaced, never apex's or TE's kernels."""
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as mopt
-
-    local = {"l2": utils.local_multi_tensor_l2_norm, "scale": utils.local_multi_tensor_scale}
-    mine = {"l2": _foreach_l2_norm, "scale": _foreach_scale}
-    new = mine if enable else local
-    for mod, name, kind in ((clip_grads, "l2_norm_impl", "l2"), (clip_grads, "multi_tensor_scale_impl", "scale"),
-                            (mopt, "multi_tensor_scale_impl", "scale")):
-        if getattr(mod, name, None) in (local[kind], mine[kind]):
-            setattr(mod, name, new[kind])
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:

@@ -4,13 +4,15 @@ guarded optimizer update that skips non-finite steps instead of corrupting the w
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_eagle.models.batch import PackedBatch
+from megatron_eagle.batch import PackedBatch
+from megatron_eagle.training import flat_adamw
+from megatron_eagle.training.flat_adamw import FusedClipStep
 
 
 def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.device,
@@ -20,12 +22,11 @@ def forward_backward(ddp_model, batches: Sequence[PackedBatch], device: torch.de
     The losses stay device tensors: reading them here would make the host wait for the whole
     backward before it starts the optimizer's bookkeeping (:func:`prepare_step` overlaps it).
     """
-    from megatron_eagle.data.loading.pack_builder import normalize_pixels
-
     def forward_step(data_iterator, model):
         # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch;
-        # the batch keeps its host copy, from which the model reads counts without device syncs
-        batch = normalize_pixels(next(data_iterator).to(device, non_blocking=True))
+        # the batch keeps its host copy, from which the model reads counts without device syncs.
+        # uint8 tiles travel as bytes; the ViT normalises them on the device.
+        batch = next(data_iterator).to(device, non_blocking=True)
         output = model(batch)
 
         def loss_func(loss: torch.Tensor):
@@ -64,9 +65,9 @@ def finish_step(optimizer, clip_grad: float, grad_norm: float) -> bool:
         params = part.get_parameters()
         if not params or clip_grad <= 0 or coeff >= 1.0:
             continue
-        flat = getattr(part, "flat_adamw", None)
-        if flat is not None:  # folded into the fused update
-            flat.grad_scale = coeff
+        fused: Optional[FusedClipStep] = flat_adamw.installed(part)
+        if fused is not None:  # folded into the fused update
+            fused.clip_next_step(coeff)
         else:
             clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm,
                                          use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)

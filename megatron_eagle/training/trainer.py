@@ -42,6 +42,25 @@ class TooManySkips(RuntimeError):
 
 
 @dataclasses.dataclass
+class StepStats:
+    """What each rank adds to the step's one all-reduce; after it, sums over every rank."""
+
+    loss_sum: float = 0.0  # Σ pack losses (one rank per replica, last PP stage)
+    loss_count: float = 0.0  # packs in loss_sum
+    tokens: float = 0.0
+    flops: float = 0.0
+    preempt: float = 0.0  # > 0: a preemption signal arrived
+    save_due: float = 0.0  # > 0: the time-based checkpoint is due (rank 0)
+    loader_wait_s: float = 0.0
+    rejected: float = 0.0  # sub-samples the loader left out or blanked
+
+    def all_reduce(self, device: torch.device) -> "StepStats":
+        vec = torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)  # NCCL: CUDA tensors
+        dist.all_reduce(vec)
+        return StepStats(*vec.tolist())
+
+
+@dataclasses.dataclass
 class StageContext:
     index: int
     stage: Any
@@ -240,7 +259,7 @@ class Trainer:
         losses = forward_backward(ctx.ddp, batches, self.rt.device, poison_loss=poison)
         found_inf, grad_norm = prepare_step(ctx.optimizer)  # before reading a loss (see prepare_step)
 
-        # One all-reduce carries everything every rank must agree on.
+        # What every rank must agree on travels in one all-reduce (StepStats).
         data_rank = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         tokens = flops = rejected = 0.0
@@ -256,10 +275,10 @@ class Trainer:
         loss_sum = sum(float(x) for x in losses) if (data_rank and last) else 0.0
         n_loss = float(len(losses)) if (data_rank and last) else 0.0
         time_due = self.is_rank0 and (time.time() - self.last_save_time) > cfg.train.save_every_minutes * 60
-        vec = torch.tensor([loss_sum, n_loss, tokens, flops, float(self.preempt.requested), float(time_due), wait,
-                            rejected], dtype=torch.float64, device=self.rt.device)  # NCCL reduces CUDA tensors only
-        dist.all_reduce(vec)
-        loss = vec[0].item() / max(vec[1].item(), 1.0)
+        stats = StepStats(loss_sum=loss_sum, loss_count=n_loss, tokens=tokens, flops=flops,
+                          preempt=float(self.preempt.requested), save_due=float(time_due), loader_wait_s=wait,
+                          rejected=rejected).all_reduce(self.rt.device)
+        loss = stats.loss_sum / max(stats.loss_count, 1.0)
 
         updated = False
         lr = ctx.optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after)
@@ -277,23 +296,23 @@ class Trainer:
         self.global_step += 1
         self.steps_this_launch += 1
         elapsed = time.perf_counter() - t0 + wait
-        tokens_total = vec[2].item()
-        mfu = vec[3].item() / (elapsed * self.world * cfg.train.peak_tflops * 1e12)
+        tokens_total = stats.tokens
+        mfu = stats.flops / (elapsed * self.world * cfg.train.peak_tflops * 1e12)
         record = dict(stage=ctx.stage.name, step=ctx.step, global_step=self.global_step, loss=loss,
                       grad_norm=grad_norm, lr=lr, tokens=int(tokens_total),
-                      tokens_per_s=tokens_total / elapsed, mfu=mfu, loader_wait_s=vec[6].item() / self.world,
+                      tokens_per_s=tokens_total / elapsed, mfu=mfu, loader_wait_s=stats.loader_wait_s / self.world,
                       peak_mem_gib=peak_memory_gib(), skipped=self.skipped_total, step_time_s=elapsed,
-                      updated=updated, loader_errors=int(vec[7].item()))
+                      updated=updated, loader_errors=int(stats.rejected))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         stop = None
         if self.consecutive_skips >= cfg.train.max_consecutive_skips:
             stop = "skips"
-        elif vec[4].item() > 0:
+        elif stats.preempt > 0:
             stop = "preempt"
         elif self.steps_this_launch == cfg.train.stop_after_steps:
             stop = "preempt"
-        elif vec[5].item() > 0:
+        elif stats.save_due > 0:
             stop = "time"
         return record, stop
 

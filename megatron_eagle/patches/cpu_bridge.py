@@ -2,8 +2,8 @@
 
 megatron-core assumes a GPU in a handful of places (``torch.cuda.current_device()``,
 ``device='cuda'`` factories, CUDA RNG state, streams, ``param.type()`` strings). On a
-GPU-less box we patch exactly those, in one place, so the real megatron-core code runs
-on CPU with gloo. On machines with CUDA, :func:`install` does nothing.
+GPU-less box :func:`install` patches exactly those, in one place, so the real megatron-core code
+runs on CPU with gloo. On machines with CUDA it does nothing.
 """
 
 from __future__ import annotations
@@ -11,8 +11,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.tensor_parallel import random as megatron_random
 from torch.overrides import TorchFunctionMode
 
+from megatron_eagle.patches.targets import require
+
+TARGETS = ("torch.cuda:current_device", "torch.cuda:device_count", "torch.cuda:set_device", "torch.cuda:synchronize",
+           "torch.cuda:empty_cache", "torch.cuda:Stream", "torch.cuda:Event", "torch.cuda:current_stream",
+           "torch.cuda:default_stream", "torch.cuda:stream", "torch.cuda:get_rng_state", "torch.cuda:set_rng_state",
+           "torch.cuda.random:get_rng_state", "torch.cuda.random:set_rng_state", "torch.cuda:manual_seed",
+           "torch.cuda:manual_seed_all", "torch.cuda:memory_allocated", "torch.cuda:max_memory_allocated",
+           "torch.cuda:memory_reserved", "torch.cuda:max_memory_reserved", "torch.cuda:reset_peak_memory_stats",
+           "torch.cuda:memory_stats", "torch.cuda:is_current_stream_capturing", "torch:Tensor.cuda",
+           "torch:Tensor.type", "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+           "megatron.core.tensor_parallel.random:_get_cuda_rng_state")
 _INSTALLED = False
 
 
@@ -78,12 +90,20 @@ def _tensor_type_cpu(self, dtype=None, non_blocking=False, **kwargs):
     return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
 
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
 _ORIG_TENSOR_TYPE = torch.Tensor.type
 _MODE: _CudaToCpuMode | None = None
 
 
+def check() -> None:
+    require(*TARGETS)
+
+
 def install() -> bool:
-    """Install the CPU bridge if CUDA is unavailable. Returns True if it is active."""
+    """Install the CPU bridge if CUDA is unavailable (idempotent). Returns True if it is active."""
     global _INSTALLED, _MODE
     if torch.cuda.is_available():
         return False
@@ -116,16 +136,8 @@ def install() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.Tensor.type = _tensor_type_cpu
     # megatron's CUDA RNG tracker forks the CUDA generator; on CPU fork the CPU one.
-    try:
-        from megatron.core.tensor_parallel import random as mrandom
-
-        def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
-            torch.set_rng_state(new_state)
-
-        mrandom._set_cuda_rng_state = _set_cuda_rng_state
-        mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    except Exception:  # pragma: no cover - megatron not importable yet
-        pass
+    megatron_random._set_cuda_rng_state = _set_cpu_rng_state
+    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _INSTALLED = True

@@ -23,8 +23,11 @@ class PackedBatch:
     loss_weights: torch.Tensor  # [T] float32, per-token weight (0 where unsupervised)
     position_ids: torch.Tensor  # [T] int64, restarting at 0 per sub-sample
     cu_seqlens: torch.Tensor    # [n+1] int32, sub-sample boundaries (tail padding is its own segment)
-    pixel_values: torch.Tensor  # [n_tiles, 3, S, S] float, tiles in order of their <IMG_CONTEXT> runs
+    pixel_values: torch.Tensor  # [n_tiles, 3, S, S] normalised float or uint8 RGB, in <IMG_CONTEXT> run order
     max_seqlen: int
+    # Index of pixel_values[0] among the pack's tiles when the batch carries only a share of them
+    # (a CP rank's share, decoded by the loader); None: pixel_values holds every tile of the pack.
+    tile_offset: Optional[int] = None
     # The host batch this one was copied from (set by ``to``). The model takes data-dependent
     # counts and indices (visual slots, supervised tokens) from it: reading them from the device
     # tensors would make the host wait for the GPU in the middle of the step.

@@ -4,9 +4,10 @@ megatron-core's ``gradient_accumulation_fusion`` needs apex's ``fused_weight_gra
 the weight-gradient GEMM of every Column/RowParallelLinear then adds into the DDP grad buffer in
 its epilogue (cuBLAS beta=1, bf16 inputs, fp32 output). Without it each linear writes a bf16
 weight gradient that DDP's hook adds into the fp32 buffer in a separate pass. torch's
-``addmm(..., out_dtype=float32, out=main_grad)`` does what apex's kernel does; this module stands
-in for apex and turns the fusion on for the linears of a DDP-wrapped model (only there do
-``main_grad`` buffers exist).
+``addmm(..., out_dtype=float32, out=main_grad)`` does what apex's kernel does; :func:`install`
+registers it as apex's ``fused_weight_gradient_mlp_cuda`` (where apex is absent) and
+``training.optimizer.wrap_ddp`` turns the fusion on for the linears of a DDP-wrapped model (only
+there do ``main_grad`` buffers exist).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import sys
 import types
 
 import torch
+from megatron.core.tensor_parallel import layers
+
+from megatron_eagle.patches.targets import require
+
+TARGETS = ("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
+           "megatron.core.tensor_parallel.layers:LinearWithGradAccumulationAndAsyncCommunication")
+MODULE = "fused_weight_gradient_mlp_cuda"
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -40,29 +48,21 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-def _install_module() -> None:
-    from megatron.core.tensor_parallel import layers
+def check() -> None:
+    require(*TARGETS)
 
-    if getattr(layers, "_grad_accum_fusion_available", False) and hasattr(layers, "fused_weight_gradient_mlp_cuda"):
-        return  # apex is installed: keep its kernels
-    shim = types.ModuleType("fused_weight_gradient_mlp_cuda")
+
+def installed() -> bool:
+    """Whether megatron's linears can accumulate weight gradients into ``main_grad`` (apex or this shim)."""
+    return bool(layers._grad_accum_fusion_available) and hasattr(layers, MODULE)
+
+
+def install() -> None:
+    if installed():
+        return  # apex is installed (keep its kernels), or the shim is
+    shim = types.ModuleType(MODULE)
     shim.wgrad_gemm_accum_fp32 = wgrad_gemm_accum_fp32
     shim.wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp16
-    sys.modules.setdefault("fused_weight_gradient_mlp_cuda", shim)
-    layers.fused_weight_gradient_mlp_cuda = sys.modules["fused_weight_gradient_mlp_cuda"]
+    sys.modules.setdefault(MODULE, shim)
+    setattr(layers, MODULE, sys.modules[MODULE])
     layers._grad_accum_fusion_available = True
-
-
-def enable(model: torch.nn.Module, on: bool = True) -> int:
-    """Switch the fusion on (or off) for every Column/RowParallelLinear of a DDP-wrapped model;
-    returns how many linears were switched."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if on:
-        _install_module()
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
-            m.gradient_accumulation_fusion = on
-            n += 1
-    return n

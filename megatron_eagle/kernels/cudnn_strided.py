@@ -12,8 +12,9 @@ gradient. Here the cuDNN graph takes every tensor with its real strides:
   buffer of the same layout, which :func:`megatron_eagle.models.qkv_split.split_along_dim` hands on
   as the qkv gradient without a concatenation.
 
-Graphs are keyed by batch size, heads, length and strides, and cached with the packed graphs of
-:mod:`megatron_eagle.models.cudnn_attention` (its device, package and fallback rules apply).
+Graphs are keyed by batch size, heads, length and strides, and cached in the same
+:class:`~megatron_eagle.kernels.cudnn_graphs.CudnnGraphs` as the packed graphs (its device, package
+and fallback rules apply).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_eagle.models import cudnn_attention as ca
+from megatron_eagle.kernels.cudnn_graphs import CudnnGraphs, CudnnUnsupported, Graph
 
 _ALIGN_BYTES = 16  # cuDNN's pointer alignment; strides must keep it for every row
 
@@ -51,13 +52,13 @@ def _aligned(x: torch.Tensor) -> bool:
             and all((st * e) % _ALIGN_BYTES == 0 for st in x.stride()[:-1]))
 
 
-def unusable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+def unusable_reason(graphs: CudnnGraphs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """Why these [s, b, h, d] inputs cannot run here, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"expected [s, b, h, d] inputs, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if 0 in q.shape or 0 in k.shape:
         return f"empty input {tuple(q.shape)}"
-    reason = ca.unusable_reason(q[:, 0], k[:, 0], v[:, 0])  # device, dtype, package, head-count rules
+    reason = graphs.unusable_reason(q, k, v)  # device, dtype, package, head-count rules
     if reason is not None:
         return reason
     if k.shape[:2] != q.shape[:2] or v.shape != k.shape:
@@ -80,43 +81,34 @@ def packed_qkv_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return ok - oq == d_q and ov - ok == d_k and (row is None or row >= d_q + d_k + d_v)
 
 
-def _build(key: tuple, device: torch.device) -> ca._Graph:
+def _build(graphs: CudnnGraphs, key: tuple, device: torch.device) -> Graph:
     kind, layouts, dtype, scale, causal = key
     dims, strides = {}, {}
     for n, lay in layouts:
         dims[n], strides[n] = _cudnn_dims(lay)
-    cudnn = ca._import_cudnn()
-    io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
-    f32 = cudnn.data_type.FLOAT
-    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32,
-                      handle=ca._handle(device))
+    g, io, f32 = graphs.new_graph(dtype, device)
     b, hq, s, d = dims["q"]
-    t = {n: ca._tensor(g, n, dims[n], strides[n], io) for n in ("q", "k", "v")}
+    t = {n: graphs.tensor(g, n, dims[n], strides[n], io) for n in ("q", "k", "v")}
     stats_dims, stats_strides = (b, hq, s, 1), (hq * s, s, 1, 1)
-    common = dict(attn_scale=scale, **ca._mask_kwargs(cudnn, causal))
+    common = dict(attn_scale=scale, **graphs.mask_kwargs(causal))
     if kind == "sbhd-fwd":
         o, stats = g.sdpa(name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=True, **common)
         o.set_output(True).set_dim(dims["o"]).set_stride(strides["o"])
         stats.set_output(True).set_data_type(f32).set_dim(list(stats_dims)).set_stride(list(stats_strides))
         t["o"], t["stats"] = o, stats
     else:
-        t["o"] = ca._tensor(g, "o", dims["o"], strides["o"], io)
-        t["do"] = ca._tensor(g, "do", dims["o"], strides["o"], io)
-        t["stats"] = ca._tensor(g, "stats", stats_dims, stats_strides, f32)
+        t["o"] = graphs.tensor(g, "o", dims["o"], strides["o"], io)
+        t["do"] = graphs.tensor(g, "do", dims["o"], strides["o"], io)
+        t["stats"] = graphs.tensor(g, "stats", stats_dims, stats_strides, f32)
         grads = g.sdpa_backward(name="sdpa_backward", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
                                 stats=t["stats"], use_deterministic_algorithm=False, **common)
         for n, x in zip(("dq", "dk", "dv"), grads):
             x.set_output(True).set_dim(dims[n]).set_stride(strides[n])
             t[n] = x
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
-    return ca._Graph(graph=g, t=t, workspace=int(g.get_workspace_size()), uids={n: x.get_uid() for n, x in t.items()})
+    return graphs.finish(g, t)
 
 
-def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[Layout, ...]:
+def grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[Layout, ...]:
     """Layouts of dq, dk, dv: q/k/v's own when they are packed slices of one buffer (see
     :func:`packed_qkv_base`; the gradients then share one buffer too), else contiguous."""
     if packed:
@@ -124,8 +116,8 @@ def _grad_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: boo
     return tuple(_contiguous(x.shape) for x in (q, k, v))
 
 
-def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[torch.Tensor, ...]:
-    """dq, dk, dv in the layouts of :func:`_grad_layouts` (views of one buffer when packed)."""
+def grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> Tuple[torch.Tensor, ...]:
+    """dq, dk, dv in the layouts of :func:`grad_layouts` (views of one buffer when packed)."""
     if packed:
         base = q.storage_offset()
         span = max(x.storage_offset() - base + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1
@@ -140,43 +132,51 @@ def _key(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: tup
     layouts = [("q", _layout(q)), ("k", _layout(k)), ("v", _layout(v)),
                ("o", _contiguous(q.shape[:3] + v.shape[3:]))]
     if kind == "sbhd-bwd":
-        layouts += list(zip(("dq", "dk", "dv"), _grad_layouts(q, k, v, packed)))
+        layouts += list(zip(("dq", "dk", "dv"), grad_layouts(q, k, v, packed)))
     return (kind, tuple(layouts)) + base
 
 
-class _CudnnSBHDAttention(torch.autograd.Function):
+class _CudnnStridedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fwd: ca._Graph, bwd_key: tuple, packed: bool):
+    def forward(ctx, q, k, v, graphs: CudnnGraphs, fwd: Graph, bwd_key: tuple, packed: bool):
         s, b, h, d = q.shape
         out = torch.empty(s, b, h, v.shape[-1], dtype=q.dtype, device=q.device)
         stats = torch.empty(b, h, s, 1, dtype=torch.float32, device=q.device)
-        ca._execute(fwd, q.device, {"q": q, "k": k, "v": v, "o": out, "stats": stats})
+        graphs.execute(fwd, q.device, {"q": q, "k": k, "v": v, "o": out, "stats": stats})
         ctx.save_for_backward(q, k, v, out, stats)
-        ctx.bwd_key, ctx.packed = bwd_key, packed
+        ctx.graphs, ctx.bwd_key, ctx.packed = graphs, bwd_key, packed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, stats = ctx.saved_tensors
         dout = dout if dout.stride() == out.stride() else dout.contiguous()
-        dq, dk, dv = _grad_buffers(q, k, v, ctx.packed)
-        entry = ca._graph(ctx.bwd_key, q.device, _build)  # built already unless the forward ran without grad
-        ca._execute(entry, q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats,
-                                      "dq": dq, "dk": dk, "dv": dv})
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = grad_buffers(q, k, v, ctx.packed)
+        entry = ctx.graphs.get(ctx.bwd_key, q.device, _build)  # built already unless the forward ran without grad
+        ctx.graphs.execute(entry, q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats,
+                                             "dq": dq, "dk": dk, "dv": dv})
+        return dq, dk, dv, None, None, None, None
 
 
-def cudnn_sbhd_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         scale: float) -> torch.Tensor:
-    """Attention over [s, b, h, d] q/k/v (any strides, unit stride in d) on cuDNN, output [s, b, h, d];
-    raises :class:`~megatron_eagle.models.cudnn_attention.CudnnUnsupported` where it cannot run.
-    Both graphs are built before autograd records the op, so failures surface here."""
-    reason = unusable_reason(q, k, v)
-    if reason is not None:
-        raise ca.CudnnUnsupported(reason)
-    base, packed = (q.dtype, float(scale), bool(causal)), packed_qkv_base(q, k, v)
-    fwd = ca._graph(_key("sbhd-fwd", q, k, v, base, packed), q.device, _build)
-    bwd_key = _key("sbhd-bwd", q, k, v, base, packed)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        ca._graph(bwd_key, q.device, _build)
-    return _CudnnSBHDAttention.apply(q, k, v, fwd, bwd_key, packed)
+class CudnnStrided:
+    """[s, b, h, d] cuDNN attention on a graph cache."""
+
+    def __init__(self, graphs: CudnnGraphs):
+        self.graphs = graphs
+
+    def unusable_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+        return unusable_reason(self.graphs, q, k, v)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+        """Attention over [s, b, h, d] q/k/v (any strides, unit stride in d), output [s, b, h, d]; raises
+        :class:`~megatron_eagle.kernels.cudnn_graphs.CudnnUnsupported` where it cannot run. Both graphs
+        are built before autograd records the op, so failures surface here."""
+        reason = unusable_reason(self.graphs, q, k, v)
+        if reason is not None:
+            raise CudnnUnsupported(reason)
+        base, packed = (q.dtype, float(scale), bool(causal)), packed_qkv_base(q, k, v)
+        fwd = self.graphs.get(_key("sbhd-fwd", q, k, v, base, packed), q.device, _build)
+        bwd_key = _key("sbhd-bwd", q, k, v, base, packed)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            self.graphs.get(bwd_key, q.device, _build)
+        return _CudnnStridedFn.apply(q, k, v, self.graphs, fwd, bwd_key, packed)
