@@ -18,12 +18,17 @@ def _packed_rope_cases(rank, world):
 
 def _rope_cases():
     """Sync-free packed RoPE against megatron's per-segment loop (needs a CP group of size 1): the
-    cos/sin-once path (twice: the second call reads the cache) and, with FUSED off, megatron's ops."""
+    cos/sin-once path (twice: the second call reads the cache) and, not fused, megatron's ops."""
     from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megatron_eagle.models import rope
 
+    installed = rope_utils._apply_rotary_pos_emb_thd  # the runtime start installed the patch
+    assert isinstance(installed, rope.PackedRope)
+    original = installed.original
+    fused, eager = rope.PackedRope(original), rope.PackedRope(original, fused=False)
     g = torch.Generator().manual_seed(1)
     cp = ps.get_context_parallel_group()
     cases = []
@@ -35,14 +40,10 @@ def _rope_cases():
                 t = torch.randn(sum(lens), 3, 16, generator=g).to(dtype)
                 for max_len in (max(lens), sum(lens)):  # megatron's "exact" case when freqs cover every position
                     freqs = emb(max_len, packed_seq=True)
-                    want = rope._ORIGINAL(t, cu, freqs, cp_group=cp)
+                    want = original(t, cu, freqs, cp_group=cp)
                     for _ in range(2):
-                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
-                    rope.FUSED = False
-                    try:
-                        cases.append((rope._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp), want))
-                    finally:
-                        rope.FUSED = True
+                        cases.append((fused(t, cu, freqs, cp_group=cp), want))
+                    cases.append((eager(t, cu, freqs, cp_group=cp), want))
     pos = rope.packed_positions(torch.tensor([0, 3, 4, 9], dtype=torch.int32), 9)
     return cases, pos.tolist()
 
@@ -78,18 +79,21 @@ def test_fused_rope_expression_equals_megatron(dtype):
 def test_packed_cos_sin_cache_hits_and_misses():
     """cos/sin are computed once per (freqs, cu_seqlens) pair; another pack, an in-place change or
     another dtype recomputes them."""
+    from megatron.core.models.common.embeddings import rope_utils
+
     from megatron_eagle.models import rope
 
+    packed = rope.PackedRope(rope_utils._apply_rotary_pos_emb_thd)
     freqs = torch.randn(16, 1, 1, 8)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    a = rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)
-    assert rope.packed_cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
+    a = packed.cos_sin(freqs, cu, 12, torch.float32, 1.0)
+    assert packed.cos_sin(freqs, cu, 12, torch.float32, 1.0)[0] is a[0]
     pos = rope.packed_positions(cu, 12)
     torch.testing.assert_close(a[0], torch.cos(freqs[pos]).reshape(12, 1, 8), rtol=0, atol=0)
     cu2 = torch.tensor([0, 5, 12], dtype=torch.int32)  # equal values, another pack
-    assert rope.packed_cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
-    b = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    assert packed.cos_sin(freqs, cu2, 12, torch.float32, 1.0)[0] is not a[0]
+    b = packed.cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
     assert b[0].dtype == torch.bfloat16
     freqs.mul_(2)  # in place: the version moves
-    c = rope.packed_cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
+    c = packed.cos_sin(freqs, cu2, 12, torch.bfloat16, 1.0)
     assert c[0] is not b[0] and not torch.equal(c[0], b[0])

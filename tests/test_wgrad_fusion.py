@@ -14,8 +14,7 @@ def _wgrad_fusion_case(rank, world, tp):
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.models.eagle import EagleModel
     from megatron_eagle.runtime.distributed import init_model_parallel
-    from megatron_eagle.training import wgrad_fusion
-    from megatron_eagle.training.optimizer import OptimConfig, wrap_ddp
+    from megatron_eagle.training.optimizer import OptimConfig, enable_wgrad_fusion, wrap_ddp
     from tests.model_fixtures import mixed_pack, tiny_model_config
 
     init_model_parallel(tp=tp)
@@ -26,7 +25,7 @@ def _wgrad_fusion_case(rank, world, tp):
         torch.manual_seed(0)
         model = EagleModel(cfg, ParallelConfig(tp=tp, sp=tp > 1))
         ddp = wrap_ddp(model, OptimConfig(), bf16=False)
-        n = wgrad_fusion.enable(model, fused)
+        n = enable_wgrad_fusion(model, fused)
         ddp.zero_grad_buffer()
         for _ in range(2):  # two micro-batches: the buffer accumulates
             loss = ddp(batch)

@@ -25,7 +25,7 @@ def make_pack(cfg, seq_len: int, seed: int, mix=(0.5, 0.35, 0.15), max_frames: i
     videos of 8-``max_frames`` frames (one tile + 6 wrapper tokens each), text-only samples; random ids
     with <IMG_CONTEXT> runs for the visual tokens and random tiles. Each sample's text is 60% prompt
     before the media and 40% answer after it; only the answer is supervised."""
-    from megatron_eagle.models.batch import pack_samples
+    from megatron_eagle.batch import pack_samples
 
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)

@@ -65,6 +65,7 @@ from benchmarks.train.ours import OursSide, check_attention
 from benchmarks.train.packs import Pack, flops_of, make_pack
 from benchmarks.train.report import kernel_lines, markdown, median_table, pair_runs, summary_line
 from benchmarks.train.timing import matmul_peak_tflops, profile_step
+from megatron_eagle.training import flat_adamw
 from benchmarks.train.variants import parse_variant
 
 DATASHEET_TFLOPS = 989.0
@@ -118,7 +119,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         if isinstance(getattr(side, "params", None), int):  # ours: this rank's parameters, and whether the
             res["params"] = side.params                        # flat AdamW step is still bound (not fallen back)
             parts = getattr(side.optimizer, "chained_optimizers", [side.optimizer])
-            res["flat_adamw_active"] = any(getattr(p, "flat_adamw", None) is not None for p in parts)
+            res["flat_adamw_active"] = any(flat_adamw.installed(p) is not None for p in parts)
         if cuda and getattr(getattr(side, "v", None), "profile", False):
             res["kernels"] = profile_step(side, groups[0])
     except torch.OutOfMemoryError as e:
