@@ -4,6 +4,7 @@ reference (SiglipVisionModel + InternVL pixel shuffle + mlp1 + Qwen2ForCausalLM)
 from __future__ import annotations
 
 import pytest
+
 from tests.hf_fixtures import layout_run
 
 CASES = ["one_tile", "multi_tile", "video_frames", "text_only", "mixed_pack"]

@@ -1,7 +1,7 @@
-"""models/rope.py: the sync-free packed RoPE against megatron's, the fused rotation expression and
-the cos/sin cache."""
+"""models/rope.py: the sync-free packed RoPE against megatron's (on an initialised process group)."""
 
 from __future__ import annotations
+
 import torch
 
 from tests.dist import run_distributed

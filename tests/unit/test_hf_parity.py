@@ -4,6 +4,7 @@ reference (SiglipVisionModel + InternVL pixel shuffle + mlp1 + Qwen2ForCausalLM)
 from __future__ import annotations
 
 from megatron_eagle.convert.verify import random_cases
+
 REL_TOL = 1e-5
 
 

@@ -1,5 +1,4 @@
-"""models/rope.py: the sync-free packed RoPE against megatron's, the fused rotation expression and
-the cos/sin cache."""
+"""models/rope.py: the fused rotation expression and the cos/sin cache."""
 
 from __future__ import annotations
 
