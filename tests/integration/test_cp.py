@@ -28,7 +28,7 @@ def model_grads(model, cp: int) -> dict[str, torch.Tensor]:
     (the schedule multiplied the loss by cp)."""
     from megatron.core import parallel_state as ps
 
-    from tests.test_model_parallel import _grads_full
+    from tests.integration.test_model_parallel import _grads_full
 
     out = {}
     for name, g in _grads_full(model).items():

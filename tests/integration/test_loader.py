@@ -114,7 +114,7 @@ def _cp2_agreement(rank, world, curs, victim, diverged):
     from megatron_eagle.runtime.distributed import init_model_parallel, replica_group
     from megatron_eagle.training.agreement import agree_on_batches
     from tests.model_fixtures import full_reference_state
-    from tests.test_cp import compare, run_model
+    from tests.integration.test_cp import compare, run_model
 
     seen = []
     handler = _logging.Handler(_logging.WARNING)
