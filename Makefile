@@ -1,10 +1,10 @@
-# Quick start: `make demo` (the main job) and `make test`. Both create or reuse .venv.
+# Quick start: `make demo` (the main job) and `make test` (`make test-fast`: unit tests only). Both create or reuse .venv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean lint
+.PHONY: demo test test-fast venv clean lint
 
 venv: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): setup.py requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(PY) -m megatron_eagle.demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# Unit tests (in-process, under 2 minutes), then integration (multi-process, Slurm, end to end).
+test: test-fast
+	$(PY) -m pytest -q tests/integration
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) runs/demo

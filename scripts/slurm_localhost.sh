@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Slurm (Debian's slurm-wlm 22.05 + munge) on localhost, without systemd,
-# for the project's Slurm tests (tests/test_slurm_cluster.py) and for trying `megatron-eagle submit`.
+# for the project's Slurm tests (tests/integration/test_slurm_cluster.py) and for trying `megatron-eagle submit`.
 #
 #   scripts/slurm_localhost.sh start    install if needed, write the config, start munged,
 #                                       slurmctld and slurmd, wait until the node answers

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 import torch
 
 from tests.dist import run_distributed
@@ -129,3 +131,32 @@ def layout_run(tp: int, pp: int, tied: bool) -> dict:
     merged["out"] = out
     merged["src"] = hf
     return merged
+
+
+def write_media() -> tuple[Path, Path]:
+    import av
+    import numpy as np
+    from PIL import Image
+
+    img_path, vid_path = root() / "gen_image.png", root() / "gen_video.mp4"
+    a = np.zeros((150, 200, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, 200, dtype=np.uint8)[None]
+    a[..., 1] = np.linspace(0, 255, 150, dtype=np.uint8)[:, None]
+    Image.fromarray(a).save(img_path)
+    with av.open(str(vid_path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            f = np.zeros((48, 64, 3), np.uint8)
+            f[..., 0] = 12 * i
+            f[:, (3 * i) % 64, 1] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return img_path, vid_path
+
+
+@pytest.fixture(scope="module")
+def media():
+    return write_media()

@@ -1,13 +1,17 @@
-"""A small prepared dataset for loader tests and the loader benchmark: real images and videos."""
+"""A small prepared dataset for the loader tests (real images and videos), its stage loader, the
+uninterrupted reference stream and stream comparison."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 
-from tests.media_factory import conv, encode_video, tiny_tokenizer_dir, write_image, write_jsonl
+from tests.media_factory import conv, encode_video, tiny_tokenizer, tiny_tokenizer_dir, write_image, write_jsonl
 
 IMAGE_SIZES = [(64, 48), (300, 200), (120, 160), (640, 480), (900, 300), (96, 96), (200, 500), (1000, 700)]
 VIDEOS = [("v0.mp4", "libx264", 3.0, 10), ("v1.mp4", "mpeg4", 2.0, 12), ("v2.mkv", "mpeg4", 4.0, 8)]
@@ -62,3 +66,65 @@ def write_curriculum(path: str | Path, data: str | Path, seq_len: int = 512, pac
     path = Path(path)
     path.write_text(yaml.safe_dump(cur))
     return path
+
+
+L = 512
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    d = build_loader_dataset(root)
+    d["cur"] = write_curriculum(root / "cur.yaml", d["prepared"], seq_len=L)
+    d["tok"] = tiny_tokenizer()
+    return d
+
+
+def loader(data, dp_rank=0, cur=None, **kw):
+    from megatron_eagle.config import preset_model_config
+    from megatron_eagle.data.loading.loader import build_stage_loader
+
+    kw.setdefault("num_workers", 0)
+    world = kw.pop("world_size", 2)
+    return build_stage_loader(cur or data["cur"], "s1", data["tok"], preset_model_config("tiny"), world_size=world,
+                              dp_rank=dp_rank, **kw)
+
+
+def stream(ld, steps=None):
+    out = []
+    for i, batches in enumerate(ld):
+        out.append(batches)
+        if steps is not None and i + 1 == steps:
+            break
+    ld.close()
+    return out
+
+
+def same_batch(a, b) -> bool:
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def same_stream(s1, s2) -> bool:
+    return len(s1) == len(s2) and all(len(a) == len(b) and all(same_batch(x, y) for x, y in zip(a, b))
+                                      for a, b in zip(s1, s2))
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The uninterrupted stream of both DP ranks (inline, no workers)."""
+    return [stream(loader(data, r)) for r in range(2)]
+
+
+def corrupt_member(root, rec, member) -> None:
+    """Overwrite one shard member with zeros (same size, so the index still points at every member)."""
+    off, size = rec["members"][member]
+    with open(root / rec["shard"], "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)

@@ -29,7 +29,7 @@ STAGES = [  # stage 1: connector only, DP=2; stage 2: everything, TP=2 (its own 
     {"name": "full", "seq_len": 512, "trainable": ["vision", "connector", "llm"], "steps": 10,
      "lr": {"peak": 3e-3, "min": 1e-3, "warmup": 0.0, "decay": "cosine"}, "parallel": {"tp": 2}},
 ]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("VIRTUAL_ENV") or REPO / ".venv")
 
 

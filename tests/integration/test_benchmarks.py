@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.bench_fixtures import BENCH, SCRIPTS
 from tests.dist import run_distributed
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 COMMIT = re.compile(r"^([0-9a-f]{40}(-dirty)?|unknown)$")
 # every option of the ours side that runs on a CPU, in one variant
 ALL_OPTIONS = "ours+rc-vit+rc-llm+no-swiglu+offload-vit+grad-bf16+no-flat-adam+no-overlap-grad+overlap+sp"
@@ -95,66 +95,6 @@ def test_train_throughput_script_launches_a_layout(tmp_path):
     assert [x["config"]["micro_batches"] for x in runs] == [1, 2] and all(COMMIT.match(x["commit"]) for x in runs)
 
 
-def test_make_pack_is_exact_and_consistent():
-    from benchmarks.train.packs import make_pack
-    from megatron_eagle.config import preset_model_config
-
-    for preset, seq in (("tiny", 256), ("eagle2.5-2b", 8192), ("eagle2.5-2b", 32768)):
-        cfg = preset_model_config(preset)
-        for seed in range(3):
-            p = make_pack(cfg, seq, seed)
-            b = p.batch
-            assert b.num_tokens == seq == sum(p.lens) and b.cu_seqlens[-1] == seq
-            assert [int(x) for x in b.cu_seqlens[1:] - b.cu_seqlens[:-1]] == p.lens
-            assert int((b.tokens == cfg.image_token_id).sum()) == p.tiles * cfg.tokens_per_tile
-            assert b.pixel_values.shape[0] == p.tiles
-            assert 0 < p.supervised < seq and not bool((b.labels == cfg.image_token_id).any())
-            assert abs(float(b.loss_weights.sum()) - 1.0) < 1e-4
-
-
-def test_parse_variant():
-    from benchmarks.train.variants import HF_TOKENS, OURS_TOKENS, parse_variant
-
-    v = parse_variant("ours+rc-vit+rc-llm-12+swiglu+no-flat-adam")
-    assert (v.recompute_vision, v.recompute_llm, v.recompute_llm_layers, v.swiglu, v.flat_adam) == \
-        ("full", "full", 12, True, False)
-    assert not parse_variant("hf+nomask").doc_mask
-    assert parse_variant("ours+mb4").micro_batches == parse_variant("hf+gc+mb4").micro_batches == 4
-    assert parse_variant("ours").micro_batches == 1 and not parse_variant("ours+no-flat-adam").flat_adam
-    for bad in ("ours+warp-speed", "hf+rc-vit", "ours+nomask", "ours+rc-llm-x", "ours+mb0", "hf+mbx",
-                "ours+foreach-adam", "ours+no-bias-gemm", "ours+overlap-grad"):
-        with pytest.raises(ValueError):
-            parse_variant(bad)
-    for side, table in (("ours", OURS_TOKENS), ("hf", HF_TOKENS)):
-        for token, (field, value) in table.items():  # every token sets the field it names
-            v = parse_variant(f"{side}+{token}")
-            assert getattr(v, field) == value and v.options()[field] == value, token
-    assert set(parse_variant("hf").options()) == {"side", "micro_batches", "doc_mask", "grad_ckpt"}
-    assert "doc_mask" not in parse_variant("ours").options()
-
-
-def test_gpu_idle_finds_the_gaps_between_kernels():
-    from types import SimpleNamespace
-
-    from benchmarks.train.timing import gpu_idle
-
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-
-    def ev(name, a, b, dev=cuda):  # times in us, as the profiler reports them
-        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=a, end=b))
-
-    events = [ev("k0", 0, 100), ev("k1", 90, 300),  # overlapping kernels: no gap
-              ev("host op", 300, 5000, cpu),  # host events do not count
-              ev("k2", 310, 400),  # a 10 us gap: under the 20 us threshold
-              ev("## annotation ##", 400, 900), ev("k3", 900, 1000)]  # 500 us gap (annotations skipped)
-    idle = gpu_idle(SimpleNamespace(events=lambda: events))
-    assert idle["gaps"] == 1 and idle["span_ms"] == pytest.approx(1.0)
-    assert idle["idle_ms"] == pytest.approx(0.5)
-    assert idle["largest"][0][:4] == (0.5, 0.4, "k2", "k3")
-    assert idle["idle_by_tenth_ms"][4] == pytest.approx(0.5) and sum(idle["idle_by_tenth_ms"]) == pytest.approx(0.5)
-    assert gpu_idle(SimpleNamespace(events=lambda: [ev("host", 0, 1, cpu)])) == {}
-
-
 def test_context_parallel_benchmark_smoke(tmp_path):
     """benchmarks/context_parallel.py end to end on 2 gloo processes: CP=1 and two CP variants, the
     attention check and the attention-alone benchmark, with the FLOP-normalised columns."""
@@ -181,19 +121,6 @@ def test_context_parallel_benchmark_smoke(tmp_path):
 
 # script -> (arguments, exit status, text in its output, JSON it writes or None); GPU-only scripts
 # run up to their device check
-SCRIPTS = {
-    "check_flat_adamw.py": (["--device", "cpu", "--elements", "100000"], 0, "flat fused kernel", None),
-    "check_wgrad_fusion.py": (["--device", "cpu", "--shape", "257", "64", "96"], 0, "fp32: relative error", None),
-    "loader.py": (["--seq-len", "8192", "--packs", "1", "--workers", "0", "--no-tp", "--video-seconds", "3",
-                   "--json", "loader.json"], 0, "| videos | 0 |", "loader.json"),
-    "packing.py": (["--samples", "3000", "--seq-lens", "32768", "--dps", "8", "--out", "packing.json"], 0,
-                   "| 32K | 1 | 8 | balanced |", "packing.json"),
-    "plan_data.py": (["--records", "300", "--workers", "1"], 0, "table_from_prepared, 1 worker(s)", None),
-    "video_decode.py": (["--lengths", "2", "--codecs", "h264", "--frames", "4", "--repeat", "1", "--size", "64", "48",
-                         "--tile", "32", "--json", "vd.json"], 0, "| h264 | 2 s |", "vd.json"),
-    "attention_kernels.py": (["--totals", "1024", "--reps", "1"], 1, "no CUDA device", None),
-    "layer_kernels.py": (["--reps", "1"], 2, "needs a GPU", None),
-}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -223,10 +150,3 @@ def test_sweep_scripts_parse_and_name_existing_variants():
     assert {"hf", "ours", "ours+prof", "ours+mb4", "hf+gc+mb4", "ours+rc-vit+no-swiglu+overlap"} <= names
     for name in names:
         parse_variant(name)  # raises on a removed option
-
-
-def test_every_benchmark_has_a_smoke_test():
-    smoked = set(SCRIPTS) | {"train_throughput.py", "context_parallel.py", "records.py", "__init__.py"}
-    assert {p.name for p in BENCH.glob("*.py")} == smoked
-    assert {p.name for p in BENCH.glob("*.sh")} == {"context_parallel_sweep.sh", "gpu_train_smoke.sh",
-                                                     "train_throughput_sweep.sh"}

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "megatron_eagle"
 MAX_MODULES = 12  # per folder, __init__.py not counted
 MAX_LINES = 600

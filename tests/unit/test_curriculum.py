@@ -14,7 +14,7 @@ from megatron_eagle.data.packing.curriculum import (blend_counts, blend_indices,
                                                     load_curriculum, plan_stage)
 from megatron_eagle.data.packing.length_mix import realistic_mix
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples/eagle2.5-8b/curriculum.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples/eagle2.5-8b/curriculum.yaml"
 
 
 def test_example_is_the_papers_progressive_schedule():

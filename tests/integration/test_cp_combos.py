@@ -25,7 +25,7 @@ def _run(rank, world):
     from megatron_eagle.runtime.distributed import init_model_parallel
     from tests.cp_fixtures import AWKWARD_LENGTHS, attention_case, awkward_mixed_pack
     from tests.model_fixtures import full_reference_state, tiny_model_config
-    from tests.test_cp import compare, run_model
+    from tests.integration.test_cp import compare, run_model
 
     cfg = tiny_model_config()
     init_model_parallel(1, 1, 1)
