@@ -300,7 +300,7 @@ def video_to_tiles(source: VideoSource, frame_indices: Sequence[int], tile_size:
     import numpy as np
     import torch
 
-    from megatron_eagle.data.media.image import normalize
+    from megatron_eagle.pixels import normalize
 
     frames, times = decode_frames(source, frame_indices, size=(tile_size, tile_size))
     if not frames:
