@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -39,21 +38,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.records import git_commit, options, write_json  # noqa: E402
+from benchmarks.train.timing import median_seconds  # noqa: E402
 
 
 def time_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
     """Median CUDA-event time of fn() in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_seconds(fn, reps, warmup, torch.device("cuda")) * 1e3
 
 
 def run_case(name: str, make_inputs: Callable[[], tuple], impls: Dict[str, Callable], reps: int) -> dict:
