@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.records import append_json, git_commit  # noqa: E402
+from benchmarks.train.timing import median_seconds  # noqa: E402
 
 CONFIGS = ("cp1", "ring", "allgather", "ulysses", "hybrid")
 IGNORE = -100
@@ -163,27 +164,6 @@ def check_cp_attention(world: int, device: torch.device, hybrid_u: int) -> dict:
     return out
 
 
-def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` (forward + backward), CUDA events on GPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: list[int], hybrid_u: int,
                        iters: int = 5, warmup: int = 2) -> list[dict]:
     """Attention alone (forward + backward) on one causal sequence of L tokens: single-GPU flash on
@@ -219,7 +199,7 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
             kernels.varlen(q, k, v, cu, cu, L, L, True, scale).backward(dout)
 
         flops = 7.0 * L * L * hq * d  # causal: 2·L²·h·d forward, 2.5x that backward
-        t1 = _timed(flash, iters, warmup, device)
+        t1 = median_seconds(flash, iters, warmup, device)
         rec = {"seq_len": L, "heads": [hq, hk, d], "flash_1gpu_s": t1, "flash_1gpu_tflops": flops / t1 / 1e12,
                "kernel": kernels.flash.status()}
         q.grad = k.grad = v.grad = None
@@ -236,7 +216,7 @@ def bench_cp_attention(world: int, device: torch.device, preset: str, seq_lens: 
                 dist.barrier(group=layout.ctx.group)
                 cp_attention(ql, kl, vl, layout, scale, kernels).backward(dl)
 
-            t = torch.tensor([_timed(run_cp, iters, warmup, device)], dtype=torch.float64, device=device)
+            t = torch.tensor([median_seconds(run_cp, iters, warmup, device)], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             tc = float(t[0])
             rec[variant] = {"s": tc, "tflops_per_gpu": flops / world / tc / 1e12,

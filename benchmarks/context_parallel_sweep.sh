@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU sweeps of benchmarks/context_parallel.py on 4 GPUs (BENCHMARKS.md, "Context parallelism"). From the repo root:
+# GPU sweeps of benchmarks/context_parallel.py on 4 GPUs (BENCHMARKS.md#context-parallelism). From the repo root:
 #   benchmarks/context_parallel_sweep.sh a OUTDIR  # eagle2.5-2b CP=1 @32K; eagle2.5-8b @128K (CP=4); attention alone
 #                                                  # vs 1-GPU flash; eagle2.5-2b every CP=4 variant @128K
 #   benchmarks/context_parallel_sweep.sh b OUTDIR  # eagle2.5-8b TP2xCP2 @128K; eagle2.5-2b CP=4 @64K

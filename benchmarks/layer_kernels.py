@@ -2,20 +2,20 @@
 """Sub-layer kernels at eagle2.5-2b's 8K shapes on one GPU: candidates for the non-GEMM time.
 
 Each case times forward and forward+backward (CUDA events, warm-up, median of N) of the way the
-model runs an op today against candidate replacements, and checks each candidate's outputs and
-input gradients against today's:
+model runs an op against candidate replacements, and checks each candidate's outputs and
+input gradients against the model's:
 
 - ViT attention (25 tiles x 1024 patches, 16 heads x 72): q/k/v split from megatron's fused qkv
   projection, through SDPA with each backend, with the head dim zero-padded to 80/96/128 (the
   kernels for 128 run about 2.4x faster backward than for 72), and through cuDNN frontend graphs;
 - the same through cuDNN graphs on megatron's strided layouts with the copy-free qkv split (what the
-  model runs now: no output permute, no dq/dk/dv concatenation);
+  model runs: no output permute, no dq/dk/dv concatenation);
 - bias-gradient column sums (the linears' ``grad.sum(0)``, the compiled bias-add backward, a GEMV);
 - the ViT's qkv projection with its bias added after the GEMM or in its epilogue (``addmm``);
 - LayerNorm [25.6K, 1152] and the residual add before it, native vs torch.compile'd (fused);
 - RMSNorm [8192, 1536], native vs compiled;
-- packed RoPE on q [8192, 12, 128] and k [8192, 2, 128], today's compiled rotation (cos/sin per
-  call) vs cos/sin computed once per step.
+- packed RoPE on q [8192, 12, 128] and k [8192, 2, 128], a compiled rotation with cos/sin per
+  call vs cos/sin computed once per step.
 
     python benchmarks/layer_kernels.py --out benchmarks/results/layer_kernels.json
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -39,21 +38,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.records import git_commit, options, write_json  # noqa: E402
+from benchmarks.train.timing import median_seconds  # noqa: E402
 
 
 def time_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
     """Median CUDA-event time of fn() in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_seconds(fn, reps, warmup, torch.device("cuda")) * 1e3
 
 
 def run_case(name: str, make_inputs: Callable[[], tuple], impls: Dict[str, Callable], reps: int) -> dict:
@@ -145,13 +135,13 @@ def vit_attention_case(tiles: int, reps: int) -> dict:
         o = cudnn_packed_attention(q, k, v, cu, False, scale)
         return o.view(tiles, s, h * d).transpose(0, 1)
 
-    def strided_cudnn(qkv):  # the model's path now: copy-free split, cuDNN on megatron's strides
+    def strided_cudnn(qkv):  # the model's path: copy-free split, cuDNN on megatron's strides
         from megatron_eagle.models.qkv_split import split_along_dim
 
         q, k, v = split_along_dim(qkv, 3, [d, d, d])
         return cudnn_sbhd_attention(q, k, v, False, scale).reshape(s, tiles, h * d)
 
-    impls = {"sdpa (auto, before)": sdpa(), "cudnn strided, copy-free split (model)": strided_cudnn,
+    impls = {"sdpa (auto)": sdpa(), "cudnn strided, copy-free split (model)": strided_cudnn,
              "sdpa cudnn": sdpa("CUDNN_ATTENTION"),
              "sdpa flash": sdpa("FLASH_ATTENTION"), "sdpa efficient": sdpa("EFFICIENT_ATTENTION"),
              "sdpa cudnn pad 80": sdpa("CUDNN_ATTENTION", 80), "sdpa cudnn pad 96": sdpa("CUDNN_ATTENTION", 96),
@@ -287,7 +277,7 @@ def rope_case(tokens: int, reps: int) -> dict:
         return comp_cs(q, cos, sin), comp_cs(k, cos, sin)
 
     return run_case("RoPE q+k [8K]", make, {"compiled, cos/sin per call": per_call,
-                                             "compiled, cos/sin once per pack (today)": cached}, reps)
+                                             "compiled, cos/sin once per pack (model)": cached}, reps)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
 
 For each sequence length L (with the CP the curriculum uses at that length) and DP size, plan
 the realistic mixed distribution (:mod:`megatron_eagle.data.packing.length_mix`, documented there and
-in BENCHMARKS.md) with both packers and report fill, per-step compute imbalance, the
+in BENCHMARKS.md#packing) with both packers and report fill, per-step compute imbalance, the
 straggler's estimated step time and the planning time (one process, numpy single-threaded).
 
     PYTHONPATH=. .venv/bin/python benchmarks/packing.py                 # 10 M samples (~10 min)

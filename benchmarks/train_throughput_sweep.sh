@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# GPU sweeps of benchmarks/train_throughput.py (BENCHMARKS.md, "Training throughput"). From the repo root:
+# GPU sweeps of benchmarks/train_throughput.py (BENCHMARKS.md#training-throughput, #multi-gpu-scaling). From the repo root:
 #   benchmarks/train_throughput_sweep.sh single OUTDIR   # 1 GPU: HF vs ours at 8K, 32K, 64K; each option alone
 #   benchmarks/train_throughput_sweep.sh multi OUTDIR    # 4 GPUs: DP/TP scaling at 8K; eagle2.5-8b at 32K on 4 ranks
 #   benchmarks/train_throughput_sweep.sh mfu OUTDIR      # 1 GPU, 8K: the flat AdamW step, gradient accumulation
 #                                                        # (mbN), a kernel profile (VARIANTS_8K, VARIANTS_32K override)
-#   benchmarks/train_throughput_sweep.sh scale OUTDIR    # 4 GPUs, today's defaults: eagle2.5-8b at 32K on 4 ranks,
+#   benchmarks/train_throughput_sweep.sh scale OUTDIR    # 4 GPUs, the defaults: eagle2.5-8b at 32K on 4 ranks,
 #                                                        # then DP 1/2/4 at 8K (MEM_CAP=79.18 on H200s: an H100's memory)
 #   benchmarks/train_throughput_sweep.sh kernels OUTDIR  # 1 GPU, 8K: sub-layer kernel candidates, then the step's
 #                                                        # GPU kernel time (profiled) and wall time
 #   benchmarks/train_throughput_sweep.sh dp2 OUTDIR      # 2 GPUs, 8K: 1 GPU vs DP 2 (reduce-scatter overlapped or
 #                                                        # not, bf16 grads) vs TP 2 + SP, the same packs on both ranks
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
-# are skipped once the script has run LIMIT seconds (the device tool's 10-minute command limit).
+# are skipped once the script has run LIMIT seconds (default 560: fits a 10-minute job limit).
 set -uo pipefail
 mode=$1; out=$2; mkdir -p "$out"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1

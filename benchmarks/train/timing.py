@@ -88,6 +88,28 @@ def instrument(marks: Marks, vit, connector, llm, whole, llm_input_kw: str) -> l
     return hs
 
 
+def median_seconds(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls: CUDA events on a GPU (the queue drained
+    before and after each call), the host clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def matmul_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> Optional[float]:
     """bf16 TFLOP/s of an n x n x n matmul on this GPU (median of ``reps``); None on a CPU."""
     if device.type != "cuda":

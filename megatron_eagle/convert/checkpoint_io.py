@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig, ParallelConfig, from_dict
+from megatron_eagle.pixels import IMAGE_MEAN, IMAGE_STD
 
 
 def _model_config(meta: dict) -> ModelConfig:
@@ -46,7 +47,7 @@ def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) 
         "tile_size": cfg.vision.image_size, "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
         "max_dynamic_tiles": max_tiles, "min_dynamic_tiles": 1, "use_thumbnail": True,
         "tiling_method": "image_area_preservation", "tokens_per_tile": cfg.tokens_per_tile,
-        "downsample_ratio": cfg.downsample_ratio, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "downsample_ratio": cfg.downsample_ratio, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
         "video_fps": 2.0, "video_frame_tiles": 1,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")

@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
+from megatron_eagle.pixels import normalize
 from megatron_eagle.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 USE_DATA_PIPELINE = True
-IMAGE_MEAN = IMAGE_STD = 0.5
 _PLACEHOLDER = re.compile(r"<(image|video)(?:-(\d+))?>")
 
 
@@ -50,10 +50,6 @@ class VideoInput:
     timestamps: tuple[float, ...]
 
 
-def _normalise(chw_uint8: torch.Tensor) -> torch.Tensor:
-    return (chw_uint8.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
-
-
 def _pil_tile(img, size: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
@@ -79,7 +75,7 @@ def load_image(path: str | Path, tile_size: int, max_tiles: int = 12) -> ImageIn
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    return ImageInput(_normalise(_pil_tile(img, tile_size)).unsqueeze(0), (1, 1))
+    return ImageInput(normalize(_pil_tile(img, tile_size)).unsqueeze(0), (1, 1))
 
 
 # ----------------------------------------------------------------------------- videos
@@ -107,7 +103,7 @@ def _load_video_fallback(path: str | Path, tile_size: int, num_frames: int) -> V
     n = max(1, min(num_frames, len(frames)))
     idx = tuple(min(len(frames) - 1, int((k + 0.5) * len(frames) / n)) for k in range(n))
     t0 = frames[0][1]
-    tiles = torch.stack([_normalise(_pil_tile(frames[i][0], tile_size)) for i in idx])
+    tiles = torch.stack([normalize(_pil_tile(frames[i][0], tile_size)) for i in idx])
     return VideoInput(tiles, idx, tuple(round(frames[i][1] - t0, 3) for i in idx))
 
 

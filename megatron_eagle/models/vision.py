@@ -14,11 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_eagle.config import VisionConfig
 from megatron_eagle.kernels.dispatch import AttentionKernels
 from megatron_eagle.models.specs import vit_block_spec
-
-# SigLIP's preprocessing: pixels in [0, 1], then mean = std = 0.5 per channel.
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.5
-
+from megatron_eagle.pixels import normalize
 
 def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     """uint8 RGB tiles -> the normalised float32 tiles the ViT takes (bit-identical to the loader's
@@ -26,7 +22,7 @@ def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     (4x fewer to move); they are normalised here, on the model's device."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    return (pixel_values.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    return normalize(pixel_values)
 
 
 class SiglipVisionModel(MegatronModule):

@@ -1,4 +1,4 @@
-"""training/wgrad_fusion.py: weight gradients accumulated by the GEMM equal DDP's accumulation."""
+"""patches/wgrad_fusion.py: weight gradients accumulated by the GEMM equal DDP's accumulation."""
 
 from __future__ import annotations
 

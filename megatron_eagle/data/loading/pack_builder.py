@@ -43,10 +43,11 @@ from megatron_eagle.batch import PackedBatch, loss_weights_for, pack_samples
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_eagle.data.loading.sources import DataSource
 from megatron_eagle.data.media.ads import ImagePlan, MediaPlan, VideoPlan, plan_sample
-from megatron_eagle.data.media.image import IMAGE_MEAN, IMAGE_STD, decode_image, normalize
+from megatron_eagle.data.media.image import decode_image
 from megatron_eagle.data.media.prompt import IGNORE_INDEX, tokenize_conversation
 from megatron_eagle.data.media.video import decode_frames
 from megatron_eagle.parallel.vision_cp import tile_shares
+from megatron_eagle.pixels import IMAGE_MEAN, IMAGE_STD
 
 log = logging.getLogger("megatron_eagle.loader")
 PixelDType = Literal["float32", "uint8"]
@@ -416,7 +417,7 @@ def _empty_for_ipc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def assemble_pixels(chunks: Sequence[torch.Tensor], shape: tuple[int, int, int], dtype: PixelDType) -> torch.Tensor:
     """Concatenate uint8 tiles; for float32, into one buffer normalised in place with the very
-    operations of ``media.normalize`` (bit-identical, without its full-size temporaries)."""
+    operations of ``pixels.normalize`` (bit-identical, without its full-size temporaries)."""
     n = sum(int(t.shape[0]) for t in chunks)
     out = _empty_for_ipc((n, *shape), torch.uint8 if dtype == "uint8" else torch.float32)
     i = 0

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 from megatron_eagle.data.media.tiling import Grid
+from megatron_eagle.pixels import normalize
 
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
 # Member extension per PIL format; anything else decodable is stored as ".img".
 IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _EXIF_ORIENTATION = 0x0112
@@ -115,11 +114,6 @@ def decode_image(data: bytes, max_pixels: int = MediaLimits().max_image_pixels):
         if img.mode != "RGB":
             img = img.convert("RGBA").convert("RGB") if "transparency" in img.info else img.convert("RGB")
         return img
-
-
-def normalize(chw_uint8) -> Any:
-    """uint8 CHW (or NCHW) tensor -> float32 with mean = std = 0.5 on [0, 1] pixels."""
-    return (chw_uint8.float() / 255.0 - IMAGE_MEAN[0]) / IMAGE_STD[0]
 
 
 def _pil_to_chw(img) -> Any:

@@ -218,6 +218,22 @@ def _should_seek(t: float, cur: float, last_key: Optional[float], spacing: Optio
     return t - cur > gap
 
 
+def _rgb_format(size: Optional[tuple[int, int]]) -> dict[str, Any]:
+    """``VideoFrame.to_ndarray`` arguments: RGB24, resized by swscale to ``size=(w, h)`` if given."""
+    kw: dict[str, Any] = {"format": "rgb24"}
+    if size is not None:
+        kw.update(width=size[0], height=size[1], interpolation="BICUBIC")
+    return kw
+
+
+def _video_stream(container: Any, threads: int) -> Any:
+    """The first video stream, with frame-and-slice threading over ``threads`` when > 0."""
+    vs = container.streams.video[0]
+    if threads:
+        vs.thread_type, vs.thread_count = "AUTO", threads
+    return vs
+
+
 def decode_frames(source: VideoSource, frame_indices: Sequence[int], size: Optional[tuple[int, int]] = None,
                   seek_threshold_s: float = 2.0, threads: int = 0) -> tuple[list[Any], list[float]]:
     """Decode exactly the frames ``frame_indices`` (index = time x fps); returns RGB HWC uint8 arrays in
@@ -229,13 +245,9 @@ def decode_frames(source: VideoSource, frame_indices: Sequence[int], size: Optio
     """
     if not len(frame_indices):
         return [], []
-    kw: dict[str, Any] = {"format": "rgb24"}
-    if size is not None:
-        kw.update(width=size[0], height=size[1], interpolation="BICUBIC")
+    kw = _rgb_format(size)
     with _open(source) as container:
-        vs = container.streams.video[0]
-        if threads:
-            vs.thread_type, vs.thread_count = "AUTO", threads
+        vs = _video_stream(container, threads)
         rate = _rate(vs)
         if rate is None:
             raise MediaError("undecodable video", "unknown frame rate")
@@ -281,13 +293,9 @@ def decode_all_frames(source: VideoSource, size: Optional[tuple[int, int]] = Non
     """Decode every frame in order (the baseline); converts to RGB only the frames whose ordinal is in ``keep``."""
     frames, times = [], []
     with _open(source) as container:
-        vs = container.streams.video[0]
-        if threads:
-            vs.thread_type, vs.thread_count = "AUTO", threads
+        vs = _video_stream(container, threads)
         start = _start_seconds(vs)
-        kw: dict[str, Any] = {"format": "rgb24"}
-        if size is not None:
-            kw.update(width=size[0], height=size[1], interpolation="BICUBIC")
+        kw = _rgb_format(size)
         for n, fr in enumerate(container.decode(vs)):
             if keep is None or n in keep:
                 frames.append(fr.to_ndarray(**kw))
@@ -300,7 +308,7 @@ def video_to_tiles(source: VideoSource, frame_indices: Sequence[int], tile_size:
     import numpy as np
     import torch
 
-    from megatron_eagle.data.media.image import normalize
+    from megatron_eagle.pixels import normalize
 
     frames, times = decode_frames(source, frame_indices, size=(tile_size, tile_size))
     if not frames:
