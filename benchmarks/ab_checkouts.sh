@@ -6,15 +6,19 @@
 # SHA in a COMMIT file) against this one:
 #   benchmarks/ab_checkouts.sh /tmp/base . out 3 ours 8192
 # Each side appends to OUTDIR/<side>.json; rounds stop once LIMIT seconds (default 540) would be
-# passed, judged from the longest round so far.
+# passed, judged from the longest round so far. PRESET, STEPS and WARMUP override the defaults
+# (eagle2.5-2b, 8, 3).
 set -uo pipefail
 a=$1; b=$2; out=$(realpath -m "$3"); rounds=${4:-3}; variant=${5:-ours}; seq=${6:-8192}
 mkdir -p "$out"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
+fi
 run_side() {  # side dir
   (cd "$2" && { cat COMMIT 2>/dev/null || git rev-parse HEAD; } | tee -a "$out/$1.commit"
-   python3 benchmarks/train_throughput.py --preset eagle2.5-2b --seq-len "$seq" --steps 8 --warmup 3 \
+   python3 benchmarks/train_throughput.py --preset "${PRESET:-eagle2.5-2b}" --seq-len "$seq" \
+     --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" \
      --variants "$variant" --out "$out/$1.json") 2>&1 | tee -a "$out/$1.log" | grep -E "tok/s|Error|error" | tail -3
 }
 longest=0
@@ -37,6 +41,7 @@ for side in ("A", "B"):
     mfu = [r["ours_mfu"] for r in recs if r.get("ours_mfu")]
     mem = [r["ours_peak_gib"] for r in recs if r.get("ours_peak_gib")]
     if tps:
-        print(f"{side}: tokens/s median {statistics.median(tps):.0f} (min {min(tps):.0f}, max {max(tps):.0f}, n={len(tps)}); "
-              f"MFU median {statistics.median(mfu):.3f}; peak {max(mem):.1f} GiB")
+        peak = f"{max(mem):.1f} GiB" if mem else "-"
+        print(f"{side}: tokens/s median {statistics.median(tps):.0f} (min {min(tps):.0f}, max {max(tps):.0f}, "
+              f"n={len(tps)}); MFU median {statistics.median(mfu) if mfu else 0:.3f}; peak {peak}")
 EOF

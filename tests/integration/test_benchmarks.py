@@ -6,6 +6,7 @@ scripts' syntax and variant names. Every JSON record carries ``commit`` and ``co
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -135,6 +136,20 @@ def test_benchmark_script_smoke(script, tmp_path):
         data = json.loads((tmp_path / written).read_text())
         for rec in data if isinstance(data, list) else [data]:
             assert COMMIT.match(rec["commit"]) and isinstance(rec["config"], dict), rec
+
+
+def test_ab_checkouts_runs_both_sides_and_summarises(tmp_path):
+    """Both sides of the A/B script on the tiny preset (this checkout against itself)."""
+    env = dict(os.environ, PRESET="tiny", STEPS="1", WARMUP="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # its python3
+    r = subprocess.run(["bash", str(BENCH / "ab_checkouts.sh"), str(BENCH.parent), str(BENCH.parent),
+                        str(tmp_path / "ab"), "1", "ours", "192"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for side in ("A", "B"):
+        recs = json.loads((tmp_path / "ab" / f"{side}.json").read_text())
+        assert len(recs) == 1 and recs[0]["ours_status"] == "ok", recs
+        assert f"{side}: tokens/s median" in r.stdout, r.stdout[-3000:]
 
 
 def test_sweep_scripts_parse_and_name_existing_variants():

@@ -78,5 +78,5 @@ def test_gpu_idle_finds_the_gaps_between_kernels():
 def test_every_benchmark_has_a_smoke_test():
     smoked = set(SCRIPTS) | {"train_throughput.py", "context_parallel.py", "records.py", "__init__.py"}
     assert {p.name for p in BENCH.glob("*.py")} == smoked
-    assert {p.name for p in BENCH.glob("*.sh")} == {"context_parallel_sweep.sh", "gpu_train_smoke.sh",
-                                                     "train_throughput_sweep.sh"}
+    assert {p.name for p in BENCH.glob("*.sh")} == {"ab_checkouts.sh", "context_parallel_sweep.sh",
+                                                     "gpu_train_smoke.sh", "train_throughput_sweep.sh"}
