@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_eagle.config import ConfigError
+from megatron_eagle.config import ConfigError, Run, load_run
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PATTERNS: dict[str, tuple[re.Pattern, str]] = {
@@ -176,49 +176,28 @@ class RunInfo:
     stages: list                  # curriculum stages (name, parallel, ...)
 
 
-def load_run(config: str, overrides: list[str]) -> tuple[RunInfo, object]:
-    """Load and check the run YAML and its curriculum (no world size yet)."""
-    from megatron_eagle.data.packing.curriculum import load_curriculum
-    from megatron_eagle.training.run_config import load_run_config
-
+def _load(config: str, overrides: list[str]) -> tuple[RunInfo, Run]:
+    """Load the run YAML and its curriculum (no world size yet); refuse values unsafe for a script."""
     check("--config", config)
     for o in overrides:
         check("--set", o)
-    cfg = load_run_config(config, overrides)
-    cur = load_curriculum(cfg.curriculum)
-    for s in cur.stages:
+    run = load_run(config, overrides)
+    for s in run.curriculum.stages:
         check(f"stages[{s.name}].name", s.name, "name")
-    check("run_dir", cfg.run_dir, "sbatch_path")  # it holds the #SBATCH --output logs
-    return RunInfo(str(Path(config).resolve()), list(overrides), cfg.run_dir, cur.stages), cfg
-
-
-def check_world(cfg, stage, nodes: int, tasks: int) -> None:
-    """Refuse a stage whose layout does not divide nodes x tasks-per-node, naming the fix."""
-    from megatron_eagle.training.run_config import check_stage_layout
-
-    p = stage.parallel
-    mp, world = p.tp * p.pp * p.cp, nodes * tasks
-    if world % mp:
-        good = next(n for n in range(nodes, nodes + mp + 1) if (n * tasks) % mp == 0)
-        raise ConfigError(f"stages[{stage.name}].parallel",
-                          f"{nodes} nodes x {tasks} tasks = {world} processes is not divisible by "
-                          f"tp*pp*cp={p.tp}*{p.pp}*{p.cp}={mp}",
-                          f"submit stage {stage.name} on a multiple of {mp} processes, e.g. "
-                          f"--stage-nodes {stage.name}={good}, or change its parallel layout")
-    stage.layout(world)
-    check_stage_layout(cfg, stage, world)
+    check("run_dir", run.config.run_dir, "sbatch_path")  # it holds the #SBATCH --output logs
+    return RunInfo(str(Path(config).resolve()), list(overrides), run.config.run_dir, run.curriculum.stages), run
 
 
 def plan_jobs(config: str, overrides: list[str], opts: ClusterOptions, stages: Optional[list[str]] = None,
               single: bool = False) -> tuple[RunInfo, list[Job]]:
     """The jobs to submit: one per stage (a chain), or one for all stages with ``single``."""
-    run, cfg = load_run(config, overrides)
+    run, loaded = _load(config, overrides)
     names = [s.name for s in run.stages]
     opts.validate(names)
     if single and (opts.stage_overrides or opts.stage_nodes or opts.stage_time):
         raise ConfigError("--single-job", "per-stage options given for one job that trains every stage",
                           "drop --stage-nodes/--stage-time/--stage-set, or submit a chain")
-    stage_cfgs = {name: load_run(config, overrides + extra)[1] for name, extra in opts.stage_overrides.items()}
+    stage_runs = {name: _load(config, overrides + extra)[1] for name, extra in opts.stage_overrides.items()}
     picked = list(stages) if stages else names
     for n in picked:
         if n not in names:
@@ -232,14 +211,14 @@ def plan_jobs(config: str, overrides: list[str], opts: ClusterOptions, stages: O
     if single:
         nodes = opts.nodes
         for s in run.stages[idx[0]:]:
-            check_world(cfg, s, nodes, opts.tasks)
+            loaded.check_world(s, nodes=nodes, tasks=opts.tasks)
         last = run.stages[-1]
         jobs.append(Job(opts.job_name, None, last.name, len(names) - 1, nodes, opts.tasks,
                         {s.name: dataclasses.asdict(s.parallel) for s in run.stages}))
     else:
         for s in chosen:
             nodes = opts.nodes_for(s.name)
-            check_world(stage_cfgs.get(s.name, cfg), s, nodes, opts.tasks)
+            stage_runs.get(s.name, loaded).check_world(s, nodes=nodes, tasks=opts.tasks)
             jobs.append(Job(f"{opts.job_name}-{s.name}", s.name, s.name, names.index(s.name), nodes, opts.tasks,
                             {s.name: dataclasses.asdict(s.parallel)}))
     for job in jobs:

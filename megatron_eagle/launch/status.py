@@ -70,9 +70,9 @@ def resolve_run_dir(target: str) -> Path:
     """A run directory, or a run YAML (its ``run_dir``)."""
     path = Path(target)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from megatron_eagle.training.run_config import load_run_config
+        from megatron_eagle.config import load_run
 
-        return Path(load_run_config(path).run_dir)
+        return Path(load_run(path).config.run_dir)
     return path
 
 

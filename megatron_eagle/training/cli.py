@@ -17,14 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE) .*")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from megatron_eagle.config import ConfigError
-    from megatron_eagle.training.run_config import load_run_config
+    from megatron_eagle.config import ConfigError, load_run
+    from megatron_eagle.runtime.distributed import launch_env
 
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        run = load_run(args.config, args.overrides, world_size=launch_env()[1])
         from megatron_eagle.training.trainer import train
 
-        return train(cfg)
+        return train(run)
     except ConfigError as e:
         print(f"config error: {e}", flush=True)
         return 2

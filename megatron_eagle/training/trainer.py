@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_eagle.config import ConfigError
+from megatron_eagle.config import ConfigError, Run
 from megatron_eagle.data.loading.pack_builder import pack_tile_count
 from megatron_eagle.runtime.distributed import init_distributed, init_model_parallel, replica_group
 from megatron_eagle.training.agreement import agree_on_batches, rejected_rows
@@ -29,7 +29,6 @@ from megatron_eagle.training.checkpoint import latest_checkpoint, load_checkpoin
 from megatron_eagle.training.flops import step_flops
 from megatron_eagle.training.metrics import MetricsWriter, peak_memory_gib
 from megatron_eagle.training.optimizer import OptimConfig, build_scheduler
-from megatron_eagle.training.run_config import RunConfig, check_stage_layout
 from megatron_eagle.training.setup import build_training_state
 from megatron_eagle.training.signals import PreemptionFlag
 from megatron_eagle.training.step import forward_backward, finish_step, prepare_step
@@ -74,18 +73,13 @@ class StageContext:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
-        from megatron_eagle.data.packing.curriculum import load_curriculum
+    def __init__(self, run: Run):
         from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
 
-        self.cfg = cfg
+        cfg = self.cfg = run.config
+        self.curriculum = run.curriculum  # checked against the model and this world by load_run
         self.rt = init_distributed()
         self.world = self.rt.world_size
-        only = cfg.train.only_stage
-        self.curriculum = load_curriculum(cfg.curriculum, None if only else self.world)
-        names = [s.name for s in self.curriculum.stages]
-        if only and only not in names:
-            raise ConfigError("train.only_stage", f"no stage named {only!r}", f"use one of {names}")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         cfg.model.image_token_id = special_token_ids(self.tokenizer)["img_context"]
         if len(self.tokenizer) > cfg.model.llm.vocab_size:
@@ -93,10 +87,6 @@ class Trainer:
                               f"{len(self.tokenizer)}", "use a model whose vocabulary covers the tokenizer")
         if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.rt.is_cuda):
             cfg.model.params_dtype = "bfloat16"
-        for stage in self.curriculum.stages:  # refuse impossible layouts before the first step
-            if not only or stage.name == only:
-                stage.layout(self.world)
-                check_stage_layout(cfg, stage, self.world)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_rank0 = self.rt.rank == 0
@@ -327,5 +317,5 @@ class Trainer:
         self.last_save_time = time.time()
 
 
-def train(cfg: RunConfig) -> int:
-    return Trainer(cfg).run()
+def train(run: Run) -> int:
+    return Trainer(run).run()

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from megatron_eagle.config import ConfigError
+from megatron_eagle.config import ConfigError, load_curriculum
+from megatron_eagle.data.packing.blend import blend_counts, blend_indices, blend_tables, largest_remainder, plan_stage
 from megatron_eagle.data.packing.common import SampleTable
-from megatron_eagle.data.packing.curriculum import (blend_counts, blend_indices, blend_tables, largest_remainder,
-                                                    load_curriculum, plan_stage)
 from megatron_eagle.data.packing.length_mix import realistic_mix
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/eagle2.5-8b/curriculum.yaml"

@@ -127,3 +127,11 @@ def test_benchmarks_small_folders_and_files():
     root = REPO / "benchmarks"
     assert {d: n for d, n in _folder_sizes(root).items() if n > MAX_MODULES} == {}
     assert [str(p) for p in root.rglob("*.py") if len(p.read_text().splitlines()) > MAX_LINES] == []
+
+
+def test_config_imports_only_config():
+    """The config package is the bottom floor: training, data, launch, parallel and models build on it."""
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("megatron_eagle.config"):
+            assert all(d.startswith("megatron_eagle.config") for d in deps), (name, deps)

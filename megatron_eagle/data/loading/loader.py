@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig, load_curriculum
 from megatron_eagle.data.loading.pack_builder import (ROW_USED, LoaderBatch, PackBuilder, PackConfig, PackInfo,
                                                       pack_config)
 from megatron_eagle.data.loading.sources import DataSource, open_source
@@ -453,7 +453,7 @@ def build_stage_loader(curriculum: Any, stage: str, tokenizer: Any, model: Model
     one process and read by the others (:mod:`.table_cache`), and remote indexes are mirrored there.
     """
     from megatron_eagle.data.loading.table_cache import cached_table
-    from megatron_eagle.data.packing.curriculum import load_curriculum, plan_stage
+    from megatron_eagle.data.packing.blend import plan_stage
     from megatron_eagle.data.packing.plan_index import table_from_prepared
     from megatron_eagle.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from megatron_eagle.config import ConfigError
+from megatron_eagle.config import ConfigError, load_curriculum
 from megatron_eagle.data.packing.common import SampleTable
 from megatron_eagle.data.packing.cost_model import DEFAULT_TFLOPS
 from megatron_eagle.data.packing.packers import PACKER_NAMES
@@ -92,7 +92,7 @@ def _plan(args: argparse.Namespace, packer: str):
     from megatron_eagle.data.packing.plan import PlanSpec, make_plan
 
     if args.curriculum:
-        from megatron_eagle.data.packing.curriculum import load_curriculum, plan_stage
+        from megatron_eagle.data.packing.blend import plan_stage
 
         if not args.stage or not args.world_size:
             raise ConfigError("--curriculum", "needs --stage and --world-size", "add --stage NAME --world-size N")

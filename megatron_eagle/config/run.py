@@ -1,12 +1,34 @@
-"""The `megatron-eagle train` config: model, curriculum, data, init, optimizer, loop options."""
+"""A run: the `megatron-eagle train` config (model, curriculum, data, init, optimizer, loop) and its
+curriculum, loaded and checked once by :func:`load_run`.
+
+:class:`EagleConfig` with :func:`load_config` is the smaller model + parallel + loss config
+(a model YAML, e.g. for a cost model).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from megatron_eagle.config import ConfigError, EagleConfig, LossConfig, ModelConfig, load_config, validate
+from megatron_eagle.config.curriculum import Curriculum, Stage, load_curriculum
+from megatron_eagle.config.errors import ConfigError
+from megatron_eagle.config.io import apply_overrides, from_dict, merge_preset, read_yaml
+from megatron_eagle.config.model import ModelConfig
+from megatron_eagle.config.optim import LossConfig, OptimSection
+from megatron_eagle.config.parallel import ParallelConfig
+from megatron_eagle.config.validate import check_layout
+
+
+@dataclass
+class EagleConfig:
+    """Model, parallel layout and loss: the config of one model on one layout."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    seed: int = 1234
 
 
 @dataclass
@@ -17,24 +39,6 @@ class InitConfig:
     vision: Optional[str] = None      # a SigLIP HF directory (with `llm`: the usual stage-1 start)
     llm: Optional[str] = None         # a Qwen2.5 HF directory
     checkpoint: Optional[str] = None  # a training checkpoint (weights only)
-
-
-@dataclass
-class OptimSection:
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    # fp32 gradient buffers and DP reduction; false halves their memory (eagle2.5-8b at 32K on
-    # 80 GB cards needs it: BENCHMARKS.md#eagle25-8b-at-32k-on-80-gb-cards)
-    grad_reduce_in_fp32: bool = True
-    # one fused AdamW + clip + bf16-param pass per DDP bucket shard (training/flat_adamw.py); false:
-    # megatron's per-parameter step (same arithmetic, ~1.6x the optimizer's memory traffic)
-    flat_adamw: bool = True
-    # GPUs: each DDP bucket's gradient reduce-scatter starts while the backward still runs (megatron
-    # DDP); DP-2 scaling at 8K goes from 94% to 99.5% (BENCHMARKS.md#multi-gpu-scaling). CPU/gloo: off.
-    overlap_grad_reduce: bool = True
 
 
 @dataclass
@@ -73,6 +77,23 @@ class RunConfig:
     seed: int = 1234
 
 
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=EagleConfig):
+    """Load a config from YAML (safe loader) plus overrides, expand presets; an EagleConfig is checked."""
+    data: dict[str, Any] = read_yaml(path, "write `key: value` pairs") if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    if "model" in {f.name for f in dataclasses.fields(cls)}:
+        data = merge_preset(data)
+    cfg = from_dict(cls, data)
+    if isinstance(cfg, EagleConfig):
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: EagleConfig, world_size: Optional[int] = None) -> None:
+    """Check that the model fits the parallel layout (and ``world_size``); raise ConfigError naming the fix."""
+    check_layout(cfg.model, cfg.parallel, world_size=world_size)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a run YAML (safe loader) with ``--set`` overrides; paths resolve against its folder."""
     cfg = load_config(path, overrides, cls=RunConfig)
@@ -83,11 +104,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         if value and "://" not in value and not Path(value).is_absolute():
             setattr(owner, name, str(base / value))
     cfg.data = {k: (v if "://" in v or Path(v).is_absolute() else str(base / v)) for k, v in cfg.data.items()}
-    check_run_config(cfg)
+    _check_run_config(cfg)
     return cfg
 
 
-def check_run_config(cfg: RunConfig) -> None:
+def _check_run_config(cfg: RunConfig) -> None:
     if not cfg.curriculum:
         raise ConfigError("curriculum", "missing", "name a curriculum YAML with the stages to train")
     if not cfg.tokenizer:
@@ -102,15 +123,30 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError("train.max_consecutive_skips", "must be >= 1", "use e.g. 10")
 
 
-def check_stage_layout(cfg: RunConfig, stage, world_size: int) -> None:
-    """Refuse a stage whose layout cannot fit the model or the world, naming the fix."""
-    try:
-        validate(EagleConfig(model=cfg.model, parallel=stage.parallel, loss=cfg.loss), world_size)
-    except ConfigError as e:
-        raise ConfigError(f"stages[{stage.name}].{e.field}".replace(".model.", ".model."), str(e).split(": ", 1)[1]
-                          .split(". Fix: ")[0], str(e).split(". Fix: ")[-1]) from None
-    if cfg.model.llm.max_position_embeddings < stage.seq_len:
-        raise ConfigError(f"stages[{stage.name}].seq_len",
-                          f"{stage.seq_len} exceeds model.llm.max_position_embeddings="
-                          f"{cfg.model.llm.max_position_embeddings}",
-                          "lower seq_len or raise model.llm.max_position_embeddings")
+@dataclass
+class Run:
+    """A run config and its curriculum, both checked: every stage fits the run's model."""
+
+    config: RunConfig
+    curriculum: Curriculum
+
+    def check_world(self, stage: Stage, world_size: Optional[int] = None, *, nodes: Optional[int] = None,
+                    tasks: Optional[int] = None) -> tuple[int, int]:
+        """(dp, micro_batches) of ``stage`` on a world known only now (``submit``'s nodes x tasks)."""
+        return check_layout(self.config.model, stage.parallel, stage=stage.name, seq_len=stage.seq_len,
+                            world_size=world_size, nodes=nodes, tasks=tasks, packs_per_step=stage.packs_per_step)
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None, world_size: Optional[int] = None) -> Run:
+    """Load and check a run YAML with ``--set`` overrides and its curriculum, once.
+
+    Every stage's layout must fit the run's model; with ``world_size`` also the world (only the
+    stage of ``train.only_stage`` when it is set).
+    """
+    cfg = load_run_config(path, overrides)
+    only = cfg.train.only_stage
+    cur = load_curriculum(cfg.curriculum, world_size, model=cfg.model, only=only)
+    names = [s.name for s in cur.stages]
+    if only and only not in names:
+        raise ConfigError("train.only_stage", f"no stage named {only!r}", f"use one of {names}")
+    return Run(cfg, cur)
