@@ -7,6 +7,7 @@ when missing; a tokenizer without a chat template gets Qwen2's ChatML.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Iterable
@@ -45,12 +46,26 @@ def load_tokenizer(path: str | Path):
         hf_logging.set_verbosity(level)
     missing = [t for t in EAGLE_SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        add_special_tokens(tok, missing)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = CHATML_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = ENDOFTEXT if ENDOFTEXT in tok.get_vocab() else tok.eos_token
     return tok
+
+
+def add_special_tokens(tok, tokens: list[str]) -> int:
+    """Append ``tokens`` as special tokens, keeping the ones the tokenizer already lists.
+
+    transformers 4.x calls the keep-flag ``replace_additional_special_tokens``, 5.x
+    ``replace_extra_special_tokens``; the signature tells which one this install has.
+    """
+    params = inspect.signature(tok.add_special_tokens).parameters
+    for flag in ("replace_extra_special_tokens", "replace_additional_special_tokens"):
+        if flag in params:
+            return tok.add_special_tokens({"additional_special_tokens": tokens}, **{flag: False})
+    kept = [t for t in getattr(tok, "additional_special_tokens", []) if t not in tokens]
+    return tok.add_special_tokens({"additional_special_tokens": kept + tokens})
 
 
 def special_token_ids(tok) -> dict[str, int]:
