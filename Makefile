@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # Unit tests (in-process, under 2 minutes), then integration (multi-process, Slurm, end to end).
 test: test-fast
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q --durations=15 tests/integration
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
