@@ -25,11 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_eagle.config.curriculum import RECIPE_FORMAT, RECIPE_INDEX
 from megatron_eagle.data.prepare.pipeline import PrepareConfig, PrepareError, config_from_args, prepare
 from megatron_eagle.data.shards import INDEX_NAME, REJECTS_NAME, iter_index, write_json_atomic
 
-RECIPE_INDEX = "recipe.json"
-RECIPE_FORMAT = "megatron-eagle recipe 1"
 USED_KEYS = ("root", "annotation", "repeat_time", "max_dynamic_tiles", "max_reject_fraction")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
