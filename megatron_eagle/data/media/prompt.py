@@ -335,6 +335,22 @@ def tokenize_conversation(tok, conversation: Conversation, media_plan: Optional[
     return out_ids, out_labels
 
 
+def render_collapsed(tok, conversation: Conversation, media_plan: Sequence[MediaPlan], tokens_per_tile: int,
+                     fmt: Union[str, PromptFormat, None] = None) -> str:
+    """The text a sample trains on, with each ``<img>…</img>`` block written ``<img>×{tpt}·{tiles}</img>``
+    so the layout can be read at a glance (``tok`` is only used by the ``tokenizer`` chat mode)."""
+    f = prompt_format(fmt)
+    texts, runs = _expand_texts([_text_of(t) for t in conversation], media_plan, tokens_per_tile, True, f)
+    msgs = to_chat_messages([_with_text(t, x) for t, x in zip(conversation, texts)])
+    text, _ = render_conversation(tok, msgs, f)
+    block = _image_text(1)
+    parts = text.split(block)
+    out = [parts[0]]
+    for n, rest in zip(runs, parts[1:]):
+        out.append(f"{IMG_START}×{tokens_per_tile}·{n // tokens_per_tile}{IMG_END}{rest}")
+    return "".join(out)
+
+
 def count_text_tokens(tok, conversation: Conversation,
                       fmt: Union[str, PromptFormat, None] = None) -> tuple[int, int]:
     """``(text_tokens, supervised_tokens)`` of a conversation with media placeholders removed."""

@@ -1,6 +1,8 @@
 """`megatron-eagle inspect`: counts and distributions of a prepared directory, as text and a PNG.
 
-Reads only manifest.json and index.jsonl (never the shards).
+Reads only manifest.json and index.jsonl (never the shards). With ``--sample N`` it also prints
+sample N's text as training sees it at ``--seq-len`` (ADS frames and tiles, the dataset's prompt
+format), each ``<img>`` block collapsed to ``<img>×256·k</img>`` (k tiles of 256 tokens).
 """
 
 from __future__ import annotations
@@ -112,14 +114,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="prepared directory")
     p.add_argument("--plot", default=None, help="PNG path (default PATH/inspect.png)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--sample", type=int, action="append", default=[],
+                   help="also print sample N's text with <img> blocks collapsed (repeatable)")
+    p.add_argument("--seq-len", type=int, default=32768, help="stage length ADS plans the sample for (default 32768)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (only for frame-times data; default: the one in the manifest)")
+
+
+def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any = None) -> str:
+    """Sample ``i`` of a prepared directory as :func:`render_collapsed` writes it at ``seq_len``."""
+    from megatron_eagle.data.media.ads import ads_config_from_manifest, plan_sample
+    from megatron_eagle.data.media.prompt import format_from_manifest, render_collapsed
+    from megatron_eagle.data.shards import ShardReader, load_index
+
+    m = load_manifest(root)
+    records = load_index(root)
+    if not 0 <= i < len(records):
+        raise ValueError(f"--sample {i}: the dataset has {len(records)} samples")
+    rec = records[i]
+    fmt = format_from_manifest(m)
+    cfg = ads_config_from_manifest(m)
+    res = plan_sample(rec, seq_len, cfg)
+    if res.plan is None:
+        return f"[sample {i} ({rec['key']}) is dropped at {seq_len}: {res.drop_reason}]"
+    tok = None
+    if fmt.chat != "chatml":
+        from megatron_eagle.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer or m["tokenizer"]["path"])
+    with ShardReader(root) as reader:
+        sample = reader.read_json(rec)
+    text = render_collapsed(tok, sample["conversations"], res.plan.media, cfg.tokens_per_tile, fmt)
+    return f"--- sample {i} ({rec['key']}, {fmt.name}, {res.plan.num_tokens} tokens at most) ---\n{text}"
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         s = summarize(args.path)
+        texts = [sample_text(args.path, i, args.seq_len, args.tokenizer) for i in args.sample]
     except (OSError, ValueError) as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 2
+    for t in texts:
+        print(t)
     png = plot(s, args.plot or Path(args.path) / "inspect.png")
     if args.json:
         print(json.dumps({k: v for k, v in s.items() if not k.startswith("_")}, indent=1, default=str))

@@ -366,10 +366,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> PrepareConfi
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.recipe:
-        from megatron_eagle.data.prepare.recipe import run_recipe
-
-        return run_recipe(args)
+    """`megatron-eagle prepare --input ...` (the ``--recipe`` form is in :mod:`.recipe`)."""
     if not args.media_root:
         print("prepare: --media-root is required with --input", file=sys.stderr)
         return 2

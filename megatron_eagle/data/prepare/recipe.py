@@ -1,5 +1,7 @@
-"""`megatron-eagle prepare --recipe`: an Eagle 2.5 recipe JSON -> one prepared folder per dataset
-plus ``recipe.json``, the recipe index (the role of the official ``.prepared.json``).
+"""`megatron-eagle prepare`: JSONL + media (``--input``) or an Eagle 2.5 recipe (``--recipe``) -> shards + index.
+
+``--recipe RECIPE.json`` writes one prepared folder per dataset plus ``recipe.json``, the recipe
+index (the role of the official ``.prepared.json``); ``--input`` is :mod:`.pipeline` alone.
 
 A recipe maps dataset names to ``{root, annotation, repeat_time, max_dynamic_tiles, ...}``.
 ``annotation`` (and a relative ``root``) resolve against the recipe file's folder first, then the
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_eagle.config.curriculum import RECIPE_FORMAT, RECIPE_INDEX
-from megatron_eagle.data.prepare.pipeline import PrepareConfig, PrepareError, config_from_args, prepare
+from megatron_eagle.data.prepare.pipeline import PrepareConfig, PrepareError, add_arguments, config_from_args, prepare
+from megatron_eagle.data.prepare.pipeline import run as run_inputs
 from megatron_eagle.data.shards import INDEX_NAME, REJECTS_NAME, iter_index, write_json_atomic
 
 USED_KEYS = ("root", "annotation", "repeat_time", "max_dynamic_tiles", "max_reject_fraction")
@@ -203,3 +206,11 @@ def run_recipe(args: argparse.Namespace) -> int:
         print(f"prepare: reject threshold exceeded ({', '.join(index['over_threshold']) or 'overall'})",
               file=sys.stderr)
     return rc
+
+
+def run(args: argparse.Namespace) -> int:
+    """`megatron-eagle prepare`: the recipe form, or the plain JSONL form."""
+    return run_recipe(args) if args.recipe else run_inputs(args)
+
+
+__all__ = ["add_arguments", "run", "run_recipe", "prepare_recipe", "read_recipe", "load_recipe_index"]
