@@ -204,9 +204,9 @@ def _recipe_datasets(ref: DatasetRef, where: str, base_dir: Path) -> list[Datase
                           "name the recipe.json that `megatron-eagle prepare --recipe` wrote, not the input recipe")
     scale = 1.0 if ref.repeat is None else ref.repeat
     out = []
-    for name, e in index["datasets"].items():
+    for e in index["datasets"]:
         path = e["path"] if os.path.isabs(e["path"]) else str(p.parent / e["path"])
-        out.append(DatasetRef(name=f"{ref.name}/{name}", path=path, repeat=float(e["repeat_time"]) * scale))
+        out.append(DatasetRef(name=f"{ref.name}/{e['name']}", path=path, repeat=float(e["repeat_time"]) * scale))
     return out
 
 

@@ -8,7 +8,7 @@ A recipe maps dataset names to ``{root, annotation, repeat_time, max_dynamic_til
 working directory (where the official preparation opens them). ``root: ""`` means media paths are
 absolute. Keys we do not use (``data_augment``, ``weight``, ``modality``, ...) are kept in the index.
 
-The index lists, per dataset, its folder, ``repeat_time``, tile cap, the other recipe keys, and
+The index lists, per dataset in recipe order, its name, folder, ``repeat_time``, tile cap, the other recipe keys, and
 counts (inputs = written + rejected, reasons) and token lengths; a curriculum stage names it with
 ``{name: ..., recipe: OUT/recipe.json}``. The reject threshold applies per dataset (a recipe
 entry's ``max_reject_fraction``, else ``--max-reject-fraction``) and over all datasets.
@@ -136,7 +136,7 @@ def prepare_recipe(recipe: str | Path, base: PrepareConfig) -> tuple[dict[str, A
                       rejected_samples=m["rejected_samples"])
         reasons.update(m["rejected_by_reason"])
         entries[ds.name] = {
-            **ds.extra, "path": ds.folder, "annotation": ds.annotation, "root": ds.root,
+            **ds.extra, "name": ds.name, "path": ds.folder, "annotation": ds.annotation, "root": ds.root,
             "repeat_time": ds.repeat_time, "max_dynamic_tiles": ds.max_dynamic_tiles,
             "length": m["written_samples"], "input_samples": m["input_samples"],
             "written_samples": m["written_samples"], "rejected_samples": m["rejected_samples"],
@@ -149,7 +149,7 @@ def prepare_recipe(recipe: str | Path, base: PrepareConfig) -> tuple[dict[str, A
     frac = totals["rejected_samples"] / n_in if n_in else 0.0
     index = {
         "format": RECIPE_FORMAT, "recipe": str(Path(recipe).resolve()), "prompt_format": base.prompt_format,
-        "datasets": entries,
+        "datasets": list(entries.values()),  # recipe order (the JSON writer sorts object keys)
         "totals": {"input_samples": n_in, "written_samples": totals["written_samples"],
                    "rejected_samples": totals["rejected_samples"], "reject_fraction": round(frac, 6),
                    "max_reject_fraction": base.max_reject_fraction,
@@ -190,7 +190,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     except PrepareError as e:
         print(f"prepare: {e}", file=sys.stderr)
         return 2
-    for name, e in index["datasets"].items():
+    for e in index["datasets"]:
+        name = e["name"]
         flag = "  OVER THRESHOLD" if name in index["over_threshold"] else ""
         print(f"  {name}: wrote {e['written_samples']} of {e['input_samples']}, rejected {e['rejected_samples']} "
               f"({e['reject_fraction']:.1%}, max {e['max_reject_fraction']:.1%}), repeat_time {e['repeat_time']:g} "
