@@ -283,8 +283,8 @@ def _template_spans(tok, msgs: list[dict[str, str]], text: str) -> list[tuple[in
 def render_conversation(tok, msgs: list[dict[str, str]], fmt: PromptFormat,
                         add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """(text, supervised character spans) of chat messages under ``fmt``."""
-    if fmt.strip:
-        msgs = [{"role": m["role"], "content": m["content"].strip()} for m in msgs]
+    if fmt.strip:  # turns are stripped, a system prompt is kept as written (as Eagle 2.5's preprocess does)
+        msgs = [m if m["role"] == "system" else {"role": m["role"], "content": m["content"].strip()} for m in msgs]
     if fmt.chat == "chatml":
         return render_chatml(msgs, fmt.system_prompt, add_generation_prompt)
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
