@@ -101,7 +101,7 @@ def read_recipe(path: str | Path) -> list[RecipeDataset]:
             raise PrepareError(f"{where}: root {root} is not a directory under {path.parent} or {Path.cwd()}")
         ds = RecipeDataset(str(name), ann_path, root_path, float(r), tiles, frac,
                            {k: v for k, v in entry.items() if k not in USED_KEYS})
-        if ds.folder in folders:
+        if ds.folder in folders or ds.folder == RECIPE_INDEX:
             raise PrepareError(f"{where}: its folder name {ds.folder!r} clashes with another dataset's; rename one")
         folders.add(ds.folder)
         out.append(ds)
