@@ -125,3 +125,31 @@ def test_keys_are_tar_safe():
     assert k == "we_ird_n_me-012-000000034"
     assert re.fullmatch(r"[A-Za-z0-9_-]+", make_key("/x/" + "é" * 300 + ".jsonl", 1, 1))
     assert make_key("%%%.jsonl", 0, 1) == "input-000-000000001"
+
+
+@pytest.mark.parametrize("media,text,want", [
+    (["image"], "What?", "<image-1>What?"),
+    (["image", "image"], "Compare.", "<image-1><image-2>Compare."),
+    (["image", "video"], "Both?", "<video-1><image-1>Both?"),  # each type prepends in turn: videos end up first
+    (["video", "image"], "Both?", "<image-1><video-1>Both?"),
+    (["image", "image"], "<image-2> vs ?", "<image-1><image-2> vs ?"),  # a missing number is prepended
+    (["image"], "<image>\nWhat?", "<image-1>What?"),  # the layout writes its own newline
+    (["image"], "<image-1>\nWhat?", "<image-1>\nWhat?"),  # numbered tags keep the text; no second copy
+    (["image", "image"], "<image>\n<image>\nCompare.", "<image-1><image-2>Compare."),
+])
+def test_placeholders_are_inserted_where_eagle_puts_them(media, text, want):
+    from megatron_eagle.data.prepare.samples import canonical_placeholders
+
+    conv_ = [{"from": "system", "value": "S"}, {"from": "human", "value": text}, {"from": "gpt", "value": "A"}]
+    out = canonical_placeholders(conv_, [{"type": t} for t in media])
+    assert out[0] == conv_[0] and out[1]["value"] == want and out[2] == conv_[2]
+
+
+def test_official_video_forms(env):
+    r = run(env, {"video": {"video": "v.mp4", "start_time": 0.5, "end_time": 2.0}, "conversations": conv("<video>", "ok")})
+    v = r.sample["media"][0]
+    assert (v["start"], v["end"], v["clip"]) == (0.5, 2.0, True)
+    r = run(env, {"image": [{"video": "v.mp4"}], "conversations": conv("<video>", "ok")})  # image: {video: path}
+    assert r.sample["media"][0]["type"] == "video" and r.sample["media"][0]["clip"] is False
+    assert reason(env, {"video": {"video": "v.mp4", "start_time": 0.5}, "conversations": conv("<video>", "ok")}) \
+        == "missing field"
