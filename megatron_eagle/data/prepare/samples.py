@@ -277,8 +277,8 @@ def canonical_placeholders(conv: list[dict[str, str]], media: list[dict[str, Any
         out.append({"from": turn["from"], "value": "".join(parts)})
     if any(missing.values()):
         first = next((i for i, t in enumerate(out) if t["from"] != "system"), None)
-        if first is None:
-            raise SampleError("placeholder count mismatch", "no non-system turn to put the media in")
+        if first is None or out[first]["from"] != "human":
+            raise SampleError("placeholder count mismatch", "the first non-system turn is not a human turn")
         for kind in kinds:  # each type prepends in turn, so the last type's tags come first
             tags = "".join(f"<{kind}-{k + 1}>" for k in missing[kind])
             out[first]["value"] = tags + out[first]["value"]
