@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from megatron_eagle.data.media.ads import ads_config_from_manifest, plan_sample
 from megatron_eagle.data.media.prompt import IGNORE_INDEX, format_from_manifest, tokenize_conversation
