@@ -53,6 +53,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
     return {
         "samples": len(text), "input_samples": m["input_samples"], "rejected_samples": m["rejected_samples"],
         "rejected_by_reason": m["rejected_by_reason"], "shards": len(m["shards"]), "bytes": m["total_bytes"],
+        "prompt_format": (m.get("prompt") or {}).get("format", "frame-times"), "video_sampling": m.get("video_sampling"),
         "images": len(img_px), "videos": len(durations),
         "text_only": sum(1 for n in n_media if n == 0),
         "video_seconds": round(sum(durations), 3),
@@ -70,7 +71,10 @@ def _edge(x: float) -> str:
 def render_text(s: dict[str, Any], width: int = 40) -> str:
     lines = [f"samples {s['samples']} written of {s['input_samples']} input, {s['rejected_samples']} rejected; "
              f"{s['shards']} shards, {s['bytes']} bytes",
-             f"media: {s['images']} images, {s['videos']} videos ({s['video_seconds']} s); {s['text_only']} text-only"]
+             f"media: {s['images']} images, {s['videos']} videos ({s['video_seconds']} s); {s['text_only']} text-only",
+             f"prompt format: {s.get('prompt_format', 'frame-times')}" + (
+                 " (frames: {fps:g} fps, {min_frames}..{max_frames})".format(**s["video_sampling"])
+                 if s.get("video_sampling") else "")]
     for reason, n in s["rejected_by_reason"].items():
         lines.append(f"  rejected  {reason}: {n}")
     for title, key in (("text tokens (no visual tokens)", "text_tokens"), ("supervised tokens", "supervised_tokens"),
@@ -117,11 +121,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=int, action="append", default=[],
                    help="also print sample N's text with <img> blocks collapsed (repeatable)")
     p.add_argument("--seq-len", type=int, default=32768, help="stage length ADS plans the sample for (default 32768)")
+    p.add_argument("--tokens-per-tile", type=int, default=256, help="LLM tokens per tile of the model (default 256)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (only for frame-times data; default: the one in the manifest)")
 
 
-def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any = None) -> str:
+def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any = None,
+                tokens_per_tile: int = 256) -> str:
     """Sample ``i`` of a prepared directory as :func:`render_collapsed` writes it at ``seq_len``."""
     from megatron_eagle.data.media.ads import ads_config_from_manifest, plan_sample
     from megatron_eagle.data.media.prompt import format_from_manifest, render_collapsed
@@ -133,7 +139,7 @@ def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any =
         raise ValueError(f"--sample {i}: the dataset has {len(records)} samples")
     rec = records[i]
     fmt = format_from_manifest(m)
-    cfg = ads_config_from_manifest(m)
+    cfg = ads_config_from_manifest(m, tokens_per_tile=tokens_per_tile)
     res = plan_sample(rec, seq_len, cfg)
     if res.plan is None:
         return f"[sample {i} ({rec['key']}) is dropped at {seq_len}: {res.drop_reason}]"
@@ -151,7 +157,7 @@ def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any =
 def run(args: argparse.Namespace) -> int:
     try:
         s = summarize(args.path)
-        texts = [sample_text(args.path, i, args.seq_len, args.tokenizer) for i in args.sample]
+        texts = [sample_text(args.path, i, args.seq_len, args.tokenizer, args.tokens_per_tile) for i in args.sample]
     except (OSError, ValueError) as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 2
