@@ -5,7 +5,8 @@ written with transformers' own config and model classes (the stand-in for downlo
   Eagle2.5-8B stores it) + Qwen2.5, ``select_layer`` -1;
 - ``qwen3``: SigLIP2 patch14 + Qwen3 (no qkv bias, q/k RMSNorm, head_dim != hidden/heads), an odd
   vocabulary no TP divides, tied embeddings, and no ``select_layer`` in config.json (the official
-  class default -4 applies).
+  class default -4 applies);
+- ``qwen3-preset``: the same without tying and with ``select_layer`` -1; ``siglip``: SigLIP + Qwen2.
 """
 
 from __future__ import annotations
@@ -20,50 +21,51 @@ import torch
 from tests.hf_fixtures import root, tokenizer_dir
 
 
-def _vision(patch: int, image: int, layers: int, name: str) -> dict:
-    from transformers import SiglipVisionConfig
+def eagle_config(cfg, write_select_layer: bool = True, dtype: str = "float32") -> dict:
+    """The config.json of ``cfg`` (a ModelConfig) as transformers' own config classes write it:
+    ``SiglipVisionConfig`` (named after the SigLIP2 checkpoint for the siglip2 family) and
+    ``Qwen2Config`` / ``Qwen3Config``."""
+    from transformers import Qwen2Config, Qwen3Config, SiglipVisionConfig
 
-    d = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                           image_size=image, patch_size=patch, layer_norm_eps=1e-6).to_dict()
-    d["_name_or_path"] = name
-    return d
-
-
-def _text(family: str, vocab: int, tied: bool) -> dict:
-    from transformers import Qwen2Config, Qwen3Config
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, tie_word_embeddings=tied)
-    if family == "qwen3":
-        d = Qwen3Config(head_dim=24, **common).to_dict()
-        d["architectures"] = ["Qwen3ForCausalLM"]
+    v, l = cfg.vision, cfg.llm
+    vision = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+                                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                                image_size=v.image_size, patch_size=v.patch_size,
+                                layer_norm_eps=v.layernorm_eps).to_dict()
+    vision["_name_or_path"] = (f"google/siglip2-so400m-patch{v.patch_size}-{v.image_size}"
+                               if v.family == "siglip2" else f"google/siglip-so400m-patch{v.patch_size}-384")
+    common = dict(vocab_size=l.vocab_size, hidden_size=l.hidden_size, intermediate_size=l.ffn_hidden_size,
+                  num_hidden_layers=l.num_layers, num_attention_heads=l.num_heads,
+                  num_key_value_heads=l.num_kv_heads, max_position_embeddings=l.max_position_embeddings,
+                  rms_norm_eps=l.rms_eps, rope_theta=l.rope_theta, tie_word_embeddings=l.tie_embeddings)
+    if l.family == "qwen3":
+        text = Qwen3Config(head_dim=l.kv_channels, attention_bias=l.qkv_bias, **common).to_dict()
+        text["architectures"] = ["Qwen3ForCausalLM"]
     else:
-        d = Qwen2Config(**common).to_dict()
-        d["architectures"] = ["Qwen2ForCausalLM"]
-    return d
-
-
-LAYOUTS = {
-    "released": dict(vision=("google/siglip2-so400m-patch16-512", 16, 128, 2), family="qwen2", vocab=512,
-                     tied=False, select_layer=-1),
-    "qwen3": dict(vision=("google/siglip2-so400m-patch14-448", 14, 112, 5), family="qwen3", vocab=509,
-                  tied=True, select_layer=None),
-}
-
-
-def eagle_config(layout: str, image_token_id: int, dtype: str = "float32") -> dict:
-    spec = LAYOUTS[layout]
-    name, patch, image, layers = spec["vision"]
+        text = Qwen2Config(**common).to_dict()
+        text["architectures"] = ["Qwen2ForCausalLM"]
     d = {"architectures": ["Eagle2_5_VLForConditionalGeneration"], "model_type": "eagle_2_5_vl",
-         "vision_config": _vision(patch, image, layers, name), "text_config": _text(spec["family"], spec["vocab"],
-                                                                                     spec["tied"]),
-         "downsample_ratio": 0.5, "image_token_index": image_token_id, "force_image_size": image,
-         "use_pixel_shuffle": True, "mlp_connector_layers": 2, "tie_word_embeddings": spec["tied"],
-         "torch_dtype": dtype}
-    if spec["select_layer"] is not None:
-        d["select_layer"] = spec["select_layer"]
+         "vision_config": vision, "text_config": text, "downsample_ratio": cfg.downsample_ratio,
+         "image_token_index": cfg.image_token_id, "force_image_size": v.image_size, "use_pixel_shuffle": True,
+         "mlp_connector_layers": 2, "tie_word_embeddings": l.tie_embeddings, "torch_dtype": dtype}
+    if write_select_layer:
+        d["select_layer"] = v.select_layer
     return d
+
+
+def layout_model_config(layout: str):
+    """``released``: the tiny-eagle2.5-8b preset. ``qwen3``: the tiny-eagle2.5-qwen3-8b preset with tied
+    embeddings and the official default feature layer (-4, not written). ``qwen3-preset``: the
+    tiny-eagle2.5-qwen3-8b preset as it is. ``siglip``: the tiny preset (SigLIP + Qwen2)."""
+    from megatron_eagle.config import preset_model_config
+
+    name = {"released": "tiny-eagle2.5-8b", "qwen3": "tiny-eagle2.5-qwen3-8b",
+            "qwen3-preset": "tiny-eagle2.5-qwen3-8b", "siglip": "tiny"}[layout]
+    cfg = preset_model_config(name)
+    if layout == "qwen3":
+        cfg.llm.tie_embeddings = True
+        cfg.vision.select_layer = -4
+    return cfg
 
 
 def write_checkpoint(out: Path, hf_cfg: dict, tok_dir: Optional[Path], seed: int = 0,
@@ -101,5 +103,7 @@ def layout_checkpoint(layout: str) -> Path:
     from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
 
     tok = tokenizer_dir()
-    img = special_token_ids(load_tokenizer(tok))["img_context"]
-    return write_checkpoint(root() / f"layout_{layout}", eagle_config(layout, img), tok)
+    cfg = layout_model_config(layout)
+    cfg.image_token_id = special_token_ids(load_tokenizer(tok))["img_context"]
+    hf_cfg = eagle_config(cfg, write_select_layer=layout != "qwen3")
+    return write_checkpoint(root() / f"layout_{layout}", hf_cfg, tok)
