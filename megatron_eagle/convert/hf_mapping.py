@@ -346,7 +346,7 @@ def llm_config_from_hf(d: dict) -> LLMConfig:
                      tie_embeddings=bool(_get(d, "tie_word_embeddings", defaults)),
                      max_position_embeddings=_get(d, "max_position_embeddings", defaults),
                      family=kind, qk_layernorm=qwen3,
-                     head_dim=None if head_dim is None or head_dim == hidden // heads else int(head_dim))
+                     head_dim=None if head_dim is None else int(head_dim))
 
 
 def _match_preset(cfg: ModelConfig) -> tuple[str, Optional[ModelConfig]]:
@@ -358,11 +358,12 @@ def _match_preset(cfg: ModelConfig) -> tuple[str, Optional[ModelConfig]]:
     def dims(d: dict, skip: tuple) -> dict:
         return {k: v for k, v in d.items() if k not in skip}
 
-    vis_skip, llm_skip = ("family", "select_layer"), ("max_position_embeddings",)
+    vis_skip, llm_skip = ("family", "select_layer"), ("max_position_embeddings", "head_dim")
     for name in PRESETS:
         p = preset_model_config(name)
         if dims(asdict(cfg.vision), vis_skip) == dims(asdict(p.vision), vis_skip) \
-                and dims(asdict(cfg.llm), llm_skip) == dims(asdict(p.llm), llm_skip):
+                and dims(asdict(cfg.llm), llm_skip) == dims(asdict(p.llm), llm_skip) \
+                and cfg.llm.kv_channels == p.llm.kv_channels:
             return name, p
     return "custom", None
 
