@@ -15,13 +15,13 @@ import torch
 
 from tests.dist import run_distributed
 from tests.hf_fixtures import read_all, root
-from tests.hf_layouts import layout_checkpoint
+from tests.hf_layouts import layout_checkpoint, split_checkpoint
 
 REL_TOL = 1e-5
 CASES = ["one_tile", "multi_tile", "video_frames", "text_only", "mixed_pack"]
 
 
-def _worker(rank, world, jobs, tp, bad_dtype_dir):
+def _worker(rank, world, jobs, tp, bad_dtype_dir, split):
     import torch.distributed as dist
 
     from megatron_eagle.config import ParallelConfig
@@ -48,6 +48,15 @@ def _worker(rank, world, jobs, tp, bad_dtype_dir):
                 load_hf_into_model(model, bad_dtype_dir, cfg)
             except TypeError as e:
                 out["bad_dtype"] = str(e)
+        if split is not None and layout == split[0]:  # separate SigLIP2 + Qwen dirs: connector left at init
+            from megatron_eagle.convert.sharding import iter_full_parameters
+
+            full = dict(iter_full_parameters(model))
+            sep, sep_report = build_model_from_hf(tuple(split[1:]), ParallelConfig(tp=tp))
+            sep_full = dict(iter_full_parameters(sep))
+            out["split"] = {"initialised": sep_report.initialised, "unused": sep_report.unused_hf,
+                            "different": sorted(k for k in full if not torch.equal(full[k], sep_full[k])),
+                            "cfg": sep.model_cfg}
     dist.barrier()
     return out
 
@@ -64,7 +73,8 @@ def run(tp: int) -> dict:
         d["torch_dtype"] = "bfloat16"
         (bad / "config.json").write_text(json.dumps(d))
         bad = str(bad)
-    results = run_distributed(_worker, tp, jobs, tp, bad)
+    split = ("qwen3-preset", *map(str, split_checkpoint("qwen3-preset"))) if tp == 2 else None
+    results = run_distributed(_worker, tp, jobs, tp, bad, split)
     merged = dict(results[-1])
     return {"results": merged, "jobs": {name: (src, dst) for name, src, dst in jobs}}
 
@@ -119,7 +129,26 @@ def test_presets_and_families_detected():
         "tiny-eagle2.5-qwen3-8b", "qwen3", True, False, 24)
 
 
+def test_separate_siglip2_and_qwen3_dirs():
+    split = run(2)["results"]["split"]
+    connector = [f"connector.{m}.{p}" for m in ("norm", "fc1", "fc2") for p in ("weight", "bias")]
+    assert sorted(split["initialised"]) == sorted(connector) and split["unused"] == []
+    assert set(split["different"]) <= set(connector) and "connector.fc1.weight" in split["different"]
+    assert (split["cfg"].llm.family, split["cfg"].vision.select_layer) == ("qwen3", -1)
+
+
 def test_dtype_mismatch_names_file_and_field():
     msg = run(1)["results"]["bad_dtype"]
     assert re.search(r"bad_dtype/model-\d{5}-of-\d{5}\.safetensors: tensor \S+ is float32", msg), msg
     assert "config.json field torch_dtype says bfloat16" in msg
+
+
+def test_convert_verify_cli_on_the_qwen3_layout():
+    """`megatron-eagle convert verify` builds its transformers reference from the checkpoint's own
+    config.json: Qwen3ForCausalLM, SigLIP2 features at select_layer -4."""
+    from tests.train_fixtures import run_cli
+
+    r = run_cli(["convert", "verify", "--hf", str(layout_checkpoint("qwen3")), "--json"])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["max_rel"] < REL_TOL and sorted(res["cases"]) == sorted(CASES)
+    assert res["unused_hf_tensors"] == []
