@@ -65,11 +65,17 @@ def model_config_from_source(source: Source, params_dtype: str = "float32",
     """
     hf_dir, pair = _split_source(source)
     if hf_dir is not None:
-        cfg = hf_mapping.model_config_from_hf(hf_io.read_config(hf_dir), params_dtype,
-                                              source=str(Path(hf_dir) / "config.json"))
+        config_file = Path(hf_dir) / "config.json"
+        raw = hf_io.read_config(hf_dir)
+        cfg = hf_mapping.model_config_from_hf(raw, params_dtype, source=str(config_file))
         tok = tokenizer_dir or (hf_dir if (Path(hf_dir) / "tokenizer_config.json").exists() else None)
+        if raw.get("image_token_index") is None:  # the official config class's default is None
+            if tok is None:
+                raise hf_mapping.HFConfigError("missing, and no tokenizer beside it to read <IMG_CONTEXT> from",
+                                               "image_token_index", str(config_file))
+            cfg.image_token_id = image_token_id_from_tokenizer(tok)
         if tok is not None:
-            check_tokenizer_fits(tok, cfg, Path(hf_dir) / "config.json")
+            check_tokenizer_fits(tok, cfg, config_file)
         return cfg
     vision_dir, llm_dir = pair
     img_id = image_token_id_from_tokenizer(tokenizer_dir or llm_dir)
@@ -119,7 +125,7 @@ def _open_readers(source: Source):
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def declared_dtype(source: Source) -> dict[str, tuple[torch.dtype, Path]]:
+def declared_dtype(source: Source) -> dict[int, tuple[torch.dtype, Path]]:
     """Per reader position: (dtype its config.json declares in ``torch_dtype``/``dtype``, that file)."""
     hf_dir, pair = _split_source(source)
     out = {}

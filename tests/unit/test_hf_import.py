@@ -126,6 +126,15 @@ def test_tokenizer_that_does_not_fit_refused(released, tmp_path):
     (bad / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"<IMG_CONTEXT> is id \d+ but .*config.json field image_token_index is 7"):
         model_config_from_source(bad)
+    # no image_token_index (the official class default is None): read from the tokenizer beside it
+    del d["image_token_index"]
+    (bad / "config.json").write_text(json.dumps(d))
+    from megatron_eagle.convert.load import image_token_id_from_tokenizer
+    assert model_config_from_source(bad).image_token_id == image_token_id_from_tokenizer(bad)
+    for f in bad.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(hf_mapping.HFConfigError, match=r"config.json: image_token_index: missing, and no tokenizer"):
+        model_config_from_source(bad)
 
 
 def test_missing_shard_refused(released, tmp_path):
