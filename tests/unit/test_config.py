@@ -65,6 +65,8 @@ def test_vocab_padding_and_select_layer():
     (["model.llm.num_layers=four"], "model.llm.num_layers", "whole number"),
     (["parallel.cp_variant=zigzag"], "parallel.cp_variant", "use one of"),
     (["model.bogus=1"], "model.bogus", "remove it"),
+    (["model.vision.select_layer=-3"], "model.vision.select_layer", "use -1 (last) to -2"),
+    (["model.llm.family=qwen3"], "model.llm.qk_layernorm", "qk_layernorm=true"),
 ])
 def test_errors_name_field_and_fix(overrides, field, fix):
     with pytest.raises(ConfigError) as e:
