@@ -346,7 +346,15 @@ def llm_config_from_hf(d: dict) -> LLMConfig:
                      tie_embeddings=bool(_get(d, "tie_word_embeddings", defaults)),
                      max_position_embeddings=_get(d, "max_position_embeddings", defaults),
                      family=kind, qk_layernorm=qwen3,
-                     head_dim=None if head_dim is None else int(head_dim))
+                     head_dim=_head_dim(head_dim, hidden, heads, qwen3))
+
+
+def _head_dim(head_dim: Optional[int], hidden: int, heads: int, qwen3: bool) -> Optional[int]:
+    """Qwen3 configs always carry ``head_dim`` (kept as written); a Qwen2 one equal to hidden / heads
+    is the default (None)."""
+    if head_dim is None or (not qwen3 and int(head_dim) == hidden // heads):
+        return None
+    return int(head_dim)
 
 
 def _match_preset(cfg: ModelConfig) -> tuple[str, Optional[ModelConfig]]:

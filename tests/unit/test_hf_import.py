@@ -38,6 +38,10 @@ def test_qwen3_and_siglip2_configs_as_transformers_writes_them():
     from transformers import Qwen2Config
     q2 = hf_mapping.llm_config_from_hf(Qwen2Config(hidden_size=64, num_attention_heads=4).to_dict())
     assert (q2.family, q2.qkv_bias, q2.qk_layernorm, q2.head_dim, q2.kv_channels) == ("qwen2", True, False, None, 16)
+    q2 = hf_mapping.llm_config_from_hf({**Qwen2Config(hidden_size=64, num_attention_heads=4).to_dict(), "head_dim": 16})
+    assert q2.head_dim is None  # a writer that spells out the default head size reads back the same
+    q3 = hf_mapping.llm_config_from_hf({**text, "head_dim": 16})
+    assert q3.head_dim == 16  # Qwen3 keeps its head_dim as written
 
 
 def test_released_preset_recognised_from_its_shapes():
