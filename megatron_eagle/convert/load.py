@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
-from megatron_eagle.convert.sharding import iter_full_parameters, load_full_parameters
+from megatron_eagle.convert.sharding import VOCAB_TENSORS, iter_full_parameters, load_full_parameters
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
 
@@ -137,6 +137,22 @@ def declared_dtype(source: Source) -> dict[int, tuple[torch.dtype, Path]]:
     return out
 
 
+def check_feature_layer(source: Source, cfg: ModelConfig) -> None:
+    """An Eagle dir's ``select_layer`` must be the model's: every layer loads either way, so a
+    mismatch would silently change which ViT features the connector sees."""
+    hf_dir, _ = _split_source(source)
+    if hf_dir is None:
+        return
+    raw = hf_io.read_config(hf_dir)
+    select = raw.get("select_layer")
+    select = hf_mapping.OFFICIAL_SELECT_LAYER if select is None else int(select)
+    if select != cfg.vision.select_layer:
+        raise ValueError(f"{Path(hf_dir) / 'config.json'}: field select_layer is {select}"
+                         f"{' (absent: the official default)' if raw.get('select_layer') is None else ''} but "
+                         f"model.vision.select_layer is {cfg.vision.select_layer}; set "
+                         f"model.vision.select_layer={select} to load this checkpoint as trained")
+
+
 def _stored_as_eagle(readers) -> set[str]:
     """Stored tensor names, seen through Eagle's names, for the unused-tensor check."""
     if len(readers) == 1:
@@ -157,6 +173,7 @@ def load_hf_into_model(model: torch.nn.Module, source: Source, cfg: Optional[Mod
     its fresh initialisation (stage-1 start); anything else missing raises ``KeyError``.
     """
     cfg = cfg or model.model_cfg
+    check_feature_layer(source, cfg)
     readers = _open_readers(source)
     separate = len(readers) == 2
     declared = declared_dtype(source)
@@ -176,7 +193,12 @@ def load_hf_into_model(model: torch.nn.Module, source: Source, cfg: Optional[Mod
     def get(name: str) -> Optional[torch.Tensor]:
         if separate and name.startswith("connector."):
             return None
-        return hf_mapping.from_hf(name, cfg, read)
+        t = hf_mapping.from_hf(name, cfg, read)
+        if t is not None and name in VOCAB_TENSORS and t.shape[0] != cfg.llm.vocab_size:
+            raise ValueError(f"{hf_mapping.hf_sources(name, cfg)[0]} has {t.shape[0]} rows but the model's "
+                             f"llm.vocab_size is {cfg.llm.vocab_size}: set model.llm.vocab_size to the "
+                             "checkpoint's (text_config.vocab_size)")
+        return t
 
     missing = load_full_parameters(model, get, strict=False)
     initialised = [n for n in missing if separate and n.startswith("connector.")]

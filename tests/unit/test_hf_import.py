@@ -152,3 +152,26 @@ def test_missing_shard_refused(released, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"model.safetensors.index.json: weight_map names 1 shard\(s\) "
                                                 rf"missing .*{victim.name}"):
         load_hf_into_model(None, bad, cfg)
+
+
+def test_checkpoint_that_does_not_match_the_model_refused():
+    """The feature layer and the vocabulary rows must be the model's, else an error names the field
+    (both would otherwise load silently: every ViT layer is there, and short rows would be padded)."""
+    from megatron_eagle.convert.load import load_hf_into_model, model_config_from_source
+    from tests.hf_layouts import layout_checkpoint
+
+    src = layout_checkpoint("qwen3")  # no select_layer in config.json: -4
+    cfg = model_config_from_source(src)
+    cfg.vision.select_layer = -1
+    with pytest.raises(ValueError, match=r"config.json: field select_layer is -4 \(absent: the official default\) "
+                                         r"but model.vision.select_layer is -1"):
+        load_hf_into_model(None, src, cfg)
+    cfg.vision.select_layer = -4
+    cfg.llm.vocab_size = 512
+    model = torch.nn.Module()
+    model.language_model = torch.nn.Module()
+    model.language_model.embedding = torch.nn.Module()
+    model.language_model.embedding.word_embeddings = torch.nn.Embedding(512, cfg.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"language_model.model.embed_tokens.weight has 509 rows but the model's "
+                                         r"llm.vocab_size is 512"):
+        load_hf_into_model(model, src, cfg)
