@@ -181,14 +181,14 @@ def from_hf(name: str, cfg: ModelConfig, get: Callable[[str], Optional[torch.Ten
     return rule.fuse(*parts) if rule.fuse else parts[0]
 
 
-_VOCAB = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
+VOCAB_TENSORS = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
 
 
 def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for our full tensor ``name`` (vocabulary padding stripped)."""
     if name == "language_model.output_layer.weight" and cfg.llm.tie_embeddings:
         return  # tied: HF keeps only embed_tokens
-    if name in _VOCAB:
+    if name in VOCAB_TENSORS:
         tensor = tensor[: cfg.llm.vocab_size]
     rule = rule_for(name, cfg)
     pieces = rule.split(tensor) if rule.split else (tensor,)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
-from megatron_eagle.convert.sharding import VOCAB_TENSORS, iter_full_parameters, load_full_parameters
+from megatron_eagle.convert.sharding import iter_full_parameters, load_full_parameters
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
 
@@ -194,7 +194,7 @@ def load_hf_into_model(model: torch.nn.Module, source: Source, cfg: Optional[Mod
         if separate and name.startswith("connector."):
             return None
         t = hf_mapping.from_hf(name, cfg, read)
-        if t is not None and name in VOCAB_TENSORS and t.shape[0] != cfg.llm.vocab_size:
+        if t is not None and name in hf_mapping.VOCAB_TENSORS and t.shape[0] != cfg.llm.vocab_size:
             raise ValueError(f"{hf_mapping.hf_sources(name, cfg)[0]} has {t.shape[0]} rows but the model's "
                              f"llm.vocab_size is {cfg.llm.vocab_size}: set model.llm.vocab_size to the "
                              "checkpoint's (text_config.vocab_size)")
