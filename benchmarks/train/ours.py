@@ -55,7 +55,8 @@ class OursSide:
                                 "hidden_states") if hasattr(m, "vision_model") else []
         self.params = sum(p.numel() for p in state.model.parameters())
         self.resolved = dict(swiglu=bool(m.language_model.config.bias_activation_fusion),
-                             attention=mc.attention_backend, sp=par.sp)
+                             attention=mc.attention_backend, sp=par.sp,
+                             precision="fp32-master" if optim.use_distributed_optimizer else "bf16-adam")
 
     def config(self) -> dict:
         """The variant's options with the model's defaults filled in."""

@@ -61,6 +61,7 @@ import torch
 
 from benchmarks.records import REPO, append_json, git_commit
 from benchmarks.train.baselines import HFSide
+from benchmarks.train.hf_strong import HFStrongSide
 from benchmarks.train.ours import OursSide, check_attention
 from benchmarks.train.packs import Pack, flops_of, make_pack
 from benchmarks.train.report import kernel_lines, markdown, median_table, pair_runs, summary_line
@@ -192,12 +193,13 @@ def worker(args) -> list[dict]:
                     gflop=[round(flops_of(cfg, p) / 1e9, 1) for p in packs])
         log(f"# seq {seq_len}: packs {desc}")
         for v in variants:
-            if v.side == "hf" and rt.world_size > 1:
+            if v.side != "ours" and rt.world_size > 1:
                 continue
             if args.time_budget_s and time.time() - t_start > args.time_budget_s:
                 res = dict(status="skipped", error="time budget")
-            elif v.side == "hf":
-                res = measure(lambda: HFSide(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
+            elif v.side != "ours":
+                make = HFStrongSide if v.side == "hf-strong" else HFSide
+                res = measure(lambda: make(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
                               rt.world_size, dp, peak)
             else:
                 res = measure(lambda: OursSide(cfg, v, tp, device), packs, cfg, args.warmup, args.steps, device,

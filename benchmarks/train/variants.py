@@ -1,8 +1,9 @@
-"""Benchmark variants: ``ours`` or ``hf`` followed by ``+option`` tokens (``ours+rc-vit+mb4``).
+"""Benchmark variants: ``ours``, ``hf-strong`` or ``hf`` (the naive HF baseline, labelled
+``hf-naive`` in records) followed by ``+option`` tokens (``ours+rc-vit+mb4``, ``hf-strong+fp32-master+gc``).
 
 Every ``ours`` option is a setting a user of the trainer has (model recompute and attention
 backend, optimizer section of the run config, parallel layout) or a measurement switch
-(``prof``); every ``hf`` option is a setting of the HF baseline.
+(``prof``); every ``hf``/``hf-strong`` option is a setting of that baseline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    side: str  # "ours" | "hf"
+    side: str  # "ours" | "hf" (naive) | "hf-strong"
     micro_batches: int = 1  # packs per optimizer step (gradient accumulation), both sides
     # ours
     recompute_vision: str = "none"  # model.recompute_vision
@@ -31,17 +32,22 @@ class Variant:
     profile: bool = False  # one extra step under torch.profiler: GPU time per kernel category
     # hf
     doc_mask: bool = True  # position_ids restart per sub-sample: block-diagonal causal mask
-    grad_ckpt: bool = False  # transformers' gradient checkpointing
+    grad_ckpt: bool = False  # transformers' gradient checkpointing (hf and hf-strong)
+    # hf-strong
+    master_fp32: bool = False  # fp32 master weights and fp32 Adam state (else AdamW on the bf16 params)
+    fused_linear_ce: bool = False  # Liger's fused linear cross-entropy (torch CE where Liger is absent)
 
     def options(self) -> dict:
         """This variant's options for its side, as a JSON-ready dict (the record's ``config``)."""
-        mine = HF_FIELDS if self.side == "hf" else OURS_FIELDS
+        mine = {"hf": HF_FIELDS, "hf-strong": STRONG_FIELDS}.get(self.side, OURS_FIELDS)
         return {f: getattr(self, f) for f in ("side", "micro_batches", *mine)}
 
 
 HF_FIELDS = ("doc_mask", "grad_ckpt")
+STRONG_FIELDS = ("grad_ckpt", "master_fp32", "fused_linear_ce")
 OURS_FIELDS = tuple(f.name for f in dataclasses.fields(Variant)
-                    if f.name not in ("name", "side", "micro_batches", *HF_FIELDS))
+                    if f.name not in ("name", "side", "micro_batches", *HF_FIELDS, *STRONG_FIELDS))
+SIDES = ("ours", "hf", "hf-strong")
 
 # Variant tokens that set one field; ``rc-llm-N`` and ``mbN`` are parsed apart.
 OURS_TOKENS = {
@@ -53,14 +59,20 @@ OURS_TOKENS = {
     "prof": ("profile", True),
 }
 HF_TOKENS = {"nomask": ("doc_mask", False), "gc": ("grad_ckpt", True)}
+STRONG_TOKENS = {"gc": ("grad_ckpt", True), "fp32-master": ("master_fp32", True), "flce": ("fused_linear_ce", True)}
+
+
+def baseline_label(side: str) -> str:
+    """The ``baseline`` name a side's records carry."""
+    return "hf-naive" if side == "hf" else side
 
 
 def parse_variant(name: str) -> Variant:
     """``side+token+token...`` -> :class:`Variant`; ValueError names the unknown token."""
     side, *tokens = name.split("+")
-    if side not in ("ours", "hf"):
-        raise ValueError(f"variant {name!r}: must start with 'ours' or 'hf'")
-    table = OURS_TOKENS if side == "ours" else HF_TOKENS
+    if side not in SIDES:
+        raise ValueError(f"variant {name!r}: must start with one of {', '.join(SIDES)}")
+    table = {"ours": OURS_TOKENS, "hf": HF_TOKENS, "hf-strong": STRONG_TOKENS}[side]
     kw: dict = {}
     for t in tokens:
         if t in table:

@@ -49,6 +49,22 @@ def test_parse_variant():
     assert "doc_mask" not in parse_variant("ours").options()
 
 
+def test_parse_hf_strong_variant():
+    from benchmarks.train.variants import STRONG_TOKENS, baseline_label, parse_variant
+
+    v = parse_variant("hf-strong+fp32-master+gc+flce+mb2")
+    assert (v.side, v.master_fp32, v.grad_ckpt, v.fused_linear_ce, v.micro_batches) == ("hf-strong", True, True,
+                                                                                         True, 2)
+    assert set(v.options()) == {"side", "micro_batches", "grad_ckpt", "master_fp32", "fused_linear_ce"}
+    for token, (field, value) in STRONG_TOKENS.items():
+        assert getattr(parse_variant(f"hf-strong+{token}"), field) == value
+    for bad in ("hf-strong+nomask", "hf-strong+rc-vit", "hf-weak"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    assert "master_fp32" not in parse_variant("ours").options() and "master_fp32" not in parse_variant("hf").options()
+    assert (baseline_label("hf"), baseline_label("hf-strong")) == ("hf-naive", "hf-strong")
+
+
 def test_gpu_idle_finds_the_gaps_between_kernels():
     from types import SimpleNamespace
 
