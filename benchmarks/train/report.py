@@ -10,8 +10,11 @@ def summary_line(r: dict) -> str:
     """One console line per result: throughput, MFU, memory, phases and the first loss."""
     head = f"{r['variant']:40s} seq {r['seq_len']:6d} {r['status']:7s}"
     if r["status"] != "ok":
-        return f"{head} {r.get('error', '')}"
+        pred = f" (predicted {r['predicted_peak_gib']:.1f} GiB)" if r.get("predicted_peak_gib") is not None else ""
+        return f"{head} {r.get('error', '')}{pred}"
     peak = f"{r['peak_gib']:5.1f}" if r.get("peak_gib") is not None else "   - "
+    if r.get("predicted_peak_gib") is not None:
+        peak += f" (predicted {r['predicted_peak_gib']:.1f})"
     ph = " ".join(f"{k} {v:.0f}" for k, v in (r.get("phases_ms") or {}).items() if v is not None)
     flat = "" if r.get("flat_adamw_active") is None else f"  flat AdamW {'on' if r['flat_adamw_active'] else 'OFF'}"
     return (f"{head} {r['tokens_per_s']:9.0f} tok/s  mfu {100 * r['mfu']:5.1f}%  peak {peak} GiB  "
@@ -119,9 +122,9 @@ def markdown(results: list[dict]) -> str:
     single = {(r["seq_len"], r["variant"]): r for r in results
               if r.get("world", 1) == 1 and r["status"] == "ok"}
     lines = ["| variant | GPUs x TP | seq | status | tokens/s | tokens/s/GPU | scaling eff. | MFU (989) | "
-             "MFU (measured peak) | peak GiB | step ms | ViT f/b | LLM f/b | loss f/b | optim | other | "
+             "MFU (measured peak) | peak GiB | predicted GiB | step ms | ViT f/b | LLM f/b | loss f/b | optim | other | "
              "GPU kernel ms |",
-             "|" + "---|" * 17]
+             "|" + "---|" * 18]
     f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for r in results:
         ph = r.get("phases_ms") or {}
@@ -134,7 +137,8 @@ def markdown(results: list[dict]) -> str:
             f"{f(100 * eff, 0) + '%' if eff else '-'} | "
             f"{f(100 * r['mfu'], 1) + '%' if ok else '-'} | "
             f"{f(100 * r['mfu_measured_peak'], 1) + '%' if ok and r.get('mfu_measured_peak') else '-'} | "
-            f"{f(r.get('peak_gib'), 1)} | {f(r['step_s'] * 1e3, 1) if ok else '-'} | "
+            f"{f(r.get('peak_gib'), 1)} | {f(r.get('predicted_peak_gib'), 1)} | "
+            f"{f(r['step_s'] * 1e3, 1) if ok else '-'} | "
             f"{f(ph.get('vit_fwd'))}/{f(ph.get('vit_bwd'))} | {f(ph.get('llm_fwd'))}/{f(ph.get('llm_bwd'))} | "
             f"{f(ph.get('loss_fwd'))}/{f(ph.get('loss_bwd'))} | {f(ph.get('optimizer'))} | {f(ph.get('other'))} | "
             # GPU time of the profiled step (``prof``): unlike wall time, not moved by host stalls

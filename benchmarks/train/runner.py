@@ -84,12 +84,16 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    side, res, config = None, {}, None
+    side, res, config, pred = None, {}, None, {}
     t_build = time.perf_counter()
     try:
         side = side_factory()
         build_s = time.perf_counter() - t_build
         config = side.config()
+        mem = getattr(side, "memory", None)
+        if mem is not None:  # ours: the memory model's prediction for this variant and these packs
+            pred = dict(predicted_peak_gib=mem.total / 2 ** 30,
+                        predicted_terms_gib={k: round(b / 2 ** 30, 3) for k, b in mem.terms.items()})
         n_micro = side.v.micro_batches
         groups = [[packs[(i * n_micro + j) % len(packs)] for j in range(n_micro)] for i in range(warmup + steps)]
         step_s, phases, losses = [], [], []
@@ -129,6 +133,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         res = dict(status="error", error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-3000:])
     if config is not None:
         res["config"] = config
+    res.update(pred)
     if cuda:
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if res["status"] == "ok" else None
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
@@ -202,8 +207,9 @@ def worker(args) -> list[dict]:
                 res = measure(lambda: make(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
                               rt.world_size, dp, peak)
             else:
-                res = measure(lambda: OursSide(cfg, v, tp, device), packs, cfg, args.warmup, args.steps, device,
-                              rt.world_size, dp, peak)
+                tiles = max(p.tiles for p in packs)
+                res = measure(lambda: OursSide(cfg, v, tp, device, seq_len, tiles), packs, cfg, args.warmup,
+                              args.steps, device, rt.world_size, dp, peak)
             res.setdefault("config", v.options())  # no side built: the variant's own options
             res.update(variant=v.name, side=v.side, seq_len=seq_len, preset=args.preset, world=rt.world_size,
                        tp=tp, dp=dp, packs=desc, **meta)

@@ -21,6 +21,7 @@ class Variant:
     recompute_vision: str = "none"  # model.recompute_vision
     recompute_llm: str = "none"  # model.recompute_llm
     recompute_llm_layers: int = 0  # >0: recompute only this many LLM layers (megatron's block method)
+    recompute_auto: bool = False  # both modules "auto": the memory model picks (training/memory.py)
     swiglu: Optional[bool] = None  # megatron's fused SwiGLU; None: the model's default (fused on GPUs)
     attention: Optional[str] = None  # model.attention_backend; None: the preset's
     offload_vit: bool = False  # ViT activations saved in (pinned) host memory
@@ -52,7 +53,7 @@ SIDES = ("ours", "hf", "hf-strong")
 # Variant tokens that set one field; ``rc-llm-N`` and ``mbN`` are parsed apart.
 OURS_TOKENS = {
     "rc-vit": ("recompute_vision", "full"), "rc-llm": ("recompute_llm", "full"),
-    "rc-llm-sel": ("recompute_llm", "selective"), "swiglu": ("swiglu", True), "no-swiglu": ("swiglu", False),
+    "rc-llm-sel": ("recompute_llm", "selective"), "rc-auto": ("recompute_auto", True), "swiglu": ("swiglu", True), "no-swiglu": ("swiglu", False),
     "cudnn-attn": ("attention", "cudnn"), "flash-attn": ("attention", "flash"),
     "offload-vit": ("offload_vit", True), "grad-bf16": ("grad_bf16", True), "no-flat-adam": ("flat_adam", False),
     "no-overlap-grad": ("overlap_grad", False), "overlap": ("overlap", True), "sp": ("sp", True),

@@ -3,6 +3,8 @@ trainer and the benchmarks share, so that a benchmark measures the step the trai
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -11,7 +13,10 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 
 from megatron_eagle.config import ModelConfig, ParallelConfig
 from megatron_eagle.models.eagle import EagleModel, build_model
+from megatron_eagle.training.memory import MemoryEstimate, device_capacity, resolve_recompute
 from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+
+log = logging.getLogger("megatron_eagle.train")
 
 
 @dataclass
@@ -21,6 +26,7 @@ class TrainingState:
     model: EagleModel
     ddp: DistributedDataParallel
     optimizer: torch.optim.Optimizer  # megatron's (Chained) DistributedOptimizer
+    memory: Optional[MemoryEstimate] = None  # the memory model's prediction for the resolved recompute
 
     @property
     def chunks(self) -> list[DistributedDataParallel]:
@@ -28,15 +34,42 @@ class TrainingState:
         return [self.ddp]
 
 
+def resolve_model_recompute(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig,
+                            seq_len: Optional[int], dp: int = 1, chunk_tokens: int = 2048,
+                            capacity: Optional[float] = None) -> tuple[ModelConfig, Optional[MemoryEstimate]]:
+    """``model_cfg`` with ``auto`` recompute resolved by the memory model for packs of ``seq_len``
+    tokens on this GPU (``capacity`` bytes; default: the device's), and the prediction. Without a
+    GPU or a length, ``auto`` means no recompute."""
+    cap = device_capacity() if capacity is None else capacity
+    if seq_len is None:
+        est = None
+        rv, rl = model_cfg.recompute_vision, model_cfg.recompute_llm
+    else:
+        est = resolve_recompute(model_cfg, parallel, optim, seq_len, cap, dp=dp)
+        rv, rl = est.recompute_vision, est.recompute_llm
+    rv, rl = ("none" if rv == "auto" else rv), ("none" if rl == "auto" else rl)
+    return dataclasses.replace(model_cfg, recompute_vision=rv, recompute_llm=rl), est
+
+
 def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
                          chunk_tokens: int = 2048,
-                         before_wrap: Optional[Callable[[EagleModel], None]] = None) -> TrainingState:
+                         before_wrap: Optional[Callable[[EagleModel], None]] = None,
+                         seq_len: Optional[int] = None) -> TrainingState:
     """Build this rank's model stage, wrap it in DDP and build its optimizer.
 
     Process groups must exist (``runtime.distributed.init_model_parallel``). ``before_wrap`` runs
     on the bare model before DDP and the optimizer see it: loading weights there makes them the
-    optimizer's fp32 master copy too.
+    optimizer's fp32 master copy too. ``recompute: auto`` is resolved here, for packs of
+    ``seq_len`` tokens (:func:`resolve_model_recompute`).
     """
+    from megatron.core import parallel_state as ps
+
+    auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
+    model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
+                                             dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
+    if auto and est is not None:
+        log.info("recompute auto -> vision %s, llm %s (predicted peak %.1f GiB)", model_cfg.recompute_vision,
+                 model_cfg.recompute_llm, est.total / 2 ** 30)
     model = build_model(model_cfg, parallel, chunk_tokens=chunk_tokens)
     if before_wrap is not None:
         before_wrap(model)
@@ -45,4 +78,4 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     ddp.config.finalize_model_grads_func = finalize_model_grads
     ddp.config.no_sync_func = ddp.no_sync  # reduce grads once per step, not per micro-batch
     optimizer = build_optimizer([ddp], optim, bf16)
-    return TrainingState(model=model, ddp=ddp, optimizer=optimizer)
+    return TrainingState(model=model, ddp=ddp, optimizer=optimizer, memory=est)
