@@ -171,7 +171,8 @@ class HFStrongSide:
             self.opt.step()
             for m in self.master:
                 m.grad = None
-            torch._foreach_copy_([p.data for p in self.params], self.master)
+            for p, m in zip(self.params, self.master):  # back to the bf16 weights the model runs
+                p.data.copy_(m)
         else:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()

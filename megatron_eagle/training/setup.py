@@ -51,6 +51,12 @@ def resolve_model_recompute(model_cfg: ModelConfig, parallel: ParallelConfig, op
     return dataclasses.replace(model_cfg, recompute_vision=rv, recompute_llm=rl), est
 
 
+def cap_exceeded(est: MemoryEstimate) -> bool:
+    """Whether the prediction exceeds the whole GPU (refused before step 1)."""
+    cap = device_capacity()
+    return cap is not None and est.total > cap
+
+
 def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
                          chunk_tokens: int = 2048,
                          before_wrap: Optional[Callable[[EagleModel], None]] = None,
@@ -67,6 +73,16 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
     model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
                                              dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
+    if est is not None and cap_exceeded(est):
+        from megatron_eagle.config import ConfigError
+
+        raise ConfigError("model.recompute_vision/recompute_llm",
+                          f"the memory model predicts {est.total / 2 ** 30:.1f} GiB per rank even with vision="
+                          f"{est.recompute_vision}, llm={est.recompute_llm} (static {est.static / 2 ** 30:.1f} GiB), "
+                          f"more than this GPU's {device_capacity() / 2 ** 30:.1f} GiB",
+                          "shard the optimizer state over more data-parallel ranks, use tensor parallelism "
+                          "(parallel.tp) or context parallelism (parallel.cp), or shorten seq_len; "
+                          "`megatron-eagle train --dry-run` prints the breakdown")
     if auto and est is not None:
         log.info("recompute auto -> vision %s, llm %s (predicted peak %.1f GiB)", model_cfg.recompute_vision,
                  model_cfg.recompute_llm, est.total / 2 ** 30)
