@@ -223,3 +223,50 @@ def device_capacity() -> Optional[float]:
         return None
     free, total = torch.cuda.mem_get_info()
     return float(total)
+
+
+H100_80GB = 79.18 * GIB  # what torch may allocate on an H100 80GB
+
+
+def plan_text(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, capacity: Optional[float], *,
+              dp: int = 1, tiles: Optional[int] = None, label: str = "") -> str:
+    """What ``plan --memory`` and ``train --dry-run`` print: every recompute choice's predicted
+    peak, the one ``auto`` (or the config) takes, and its breakdown by term."""
+    cap = capacity if capacity is not None else H100_80GB
+    chosen = resolve_recompute(cfg, parallel, optim, seq_len, cap, dp=dp, tiles=tiles)
+    head = (f"{label}L={seq_len} TP={parallel.tp} CP={parallel.cp} PP={parallel.pp} DP={dp}, "
+            f"{cfg.params_dtype} params; GPU {cap / GIB:.1f} GiB"
+            + ("" if capacity is not None else " (assumed: an H100 80GB)") + "; worst case: every token visual"
+            if tiles is None else f"; {tiles} tiles")
+    lines = [head, "  recompute vision/llm   predicted peak"]
+    for rv in ("none", "full"):
+        for rl in ("none", "full"):
+            e = estimate(cfg, parallel, optim, seq_len, tiles, dp=dp, recompute_vision=rv, recompute_llm=rl)
+            fit = "fits" if e.total <= 0.9 * cap else ("tight (> 90%)" if e.total <= cap else "out of memory")
+            lines.append(f"  {rv:>6s} / {rl:<6s}        {e.total / GIB:8.1f} GiB  {fit}")
+    auto = "auto" in (cfg.recompute_vision, cfg.recompute_llm)
+    lines.append(f"  -> {'auto picks' if auto else 'configured'}: vision {chosen.recompute_vision}, "
+                 f"llm {chosen.recompute_llm}")
+    lines += ["  " + x for x in chosen.table().splitlines()]
+    if chosen.total > cap:
+        lines.append("  DOES NOT FIT: shard the optimizer over more DP ranks, use TP or CP, or shorten L")
+    return "\n".join(lines)
+
+
+def plan_memory_command(args) -> int:
+    """`megatron-eagle plan --memory PRESET --seq-len L [--tp --cp --pp --dp --gpu-gib]`."""
+    from megatron_eagle.config import ConfigError, preset_model_config
+    from megatron_eagle.training.optimizer import OptimConfig
+
+    try:
+        cfg = preset_model_config(args.memory)
+        if not args.seq_len:
+            raise ConfigError("--seq-len", "missing", "give the pack length, e.g. --seq-len 32768")
+    except ConfigError as e:
+        print(f"error: {e}")
+        return 2
+    cfg.params_dtype = "bfloat16"
+    par = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, sp=args.tp > 1)
+    cap = args.gpu_gib * GIB if args.gpu_gib else None
+    print(plan_text(cfg, par, OptimConfig(), args.seq_len, cap, dp=args.dp or 1, label=f"{args.memory}: "))
+    return 0

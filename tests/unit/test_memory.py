@@ -91,3 +91,23 @@ def test_auto_picks_the_cheapest_setting_that_fits():
     for L in (8192, 32768, 65536):  # what auto picks fits with the margin, on both cards
         for cap in (h200, h100):
             assert resolve_recompute(c, ParallelConfig(), OptimConfig(), L, cap).total <= 0.9 * cap
+
+
+def test_plan_memory_and_train_dry_run_print_the_breakdown(capsys):
+    from pathlib import Path
+
+    from megatron_eagle.cli import main
+
+    assert main(["plan", "--memory", "eagle2.5-2b", "--seq-len", "32768", "--gpu-gib", "139.8"]) == 0
+    out = capsys.readouterr().out
+    assert "auto picks: vision full, llm none" in out and "GPU 139.8 GiB" in out
+    for term in ("params", "grads", "optimizer", "activations:vit", "activations:llm", "transient", "predicted peak"):
+        assert term in out, term
+    assert main(["plan", "--memory", "eagle2.5-2b", "--seq-len", "65536"]) == 0  # an H100 80GB by default
+    assert "auto picks: vision full, llm full" in capsys.readouterr().out
+    assert main(["plan", "--memory", "eagle2.5-2b"]) == 2  # no length: refused, naming the flag
+    assert "--seq-len" in capsys.readouterr().out
+    run_yaml = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "run.yaml"
+    assert main(["train", "--config", str(run_yaml), "--dry-run", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("auto picks") == 2 and "stage connector: L=512" in out and "stage full: L=1024 TP=2" in out
