@@ -21,13 +21,6 @@ def _apply_variant(v: Variant, device: torch.device, model) -> None:
         llm_cfg.recompute_method, llm_cfg.recompute_num_layers = "block", v.recompute_llm_layers
     if v.swiglu is not None:
         llm_cfg.bias_activation_fusion = v.swiglu  # read by megatron's MLP at forward time
-    if v.offload_vit:
-        vit_forward = model.vision_model.forward
-
-        def offloaded(*a, **k):
-            with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-                return vit_forward(*a, **k)
-        model.vision_model.forward = offloaded
 
 
 class OursSide:
@@ -44,7 +37,7 @@ class OursSide:
         from megatron_eagle.training.memory import estimate
 
         rv, rl = ("auto", "auto") if v.recompute_auto else (v.recompute_vision, v.recompute_llm)
-        mc = dataclasses.replace(cfg, recompute_vision=rv, recompute_llm=rl,
+        mc = dataclasses.replace(cfg, recompute_vision=rv, recompute_llm=rl, offload_vision=v.offload_vit,
                                  attention_backend=v.attention or cfg.attention_backend)
         par = ParallelConfig(tp=tp, sp=v.sp and tp > 1)
         optim = OptimConfig(lr=1e-5, grad_reduce_in_fp32=not v.grad_bf16, flat_adamw=v.flat_adam,

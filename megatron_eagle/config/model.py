@@ -69,6 +69,8 @@ class ModelConfig:
     # predicted to fit the GPU's memory.
     recompute_vision: Literal["auto", "none", "selective", "full"] = "auto"
     recompute_llm: Literal["auto", "none", "selective", "full"] = "auto"
+    # The ViT's saved activations kept in pinned host memory during the step (training/setup.py)
+    offload_vision: bool = False
 
     @property
     def tokens_per_tile(self) -> int:

@@ -139,6 +139,7 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, ti
     (default: the most a pack can hold, every token visual). Recompute choices default to the
     config's; ``auto`` there must be resolved first (:func:`resolve_recompute`).
     ``llm_recompute_layers``: with full LLM recompute, only this many layers are recomputed."""
+    offload_vit = offload_vit or getattr(cfg, "offload_vision", False)
     rv = recompute_vision or cfg.recompute_vision
     rl = recompute_llm or cfg.recompute_llm
     if "auto" in (rv, rl):

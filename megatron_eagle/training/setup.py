@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
-from megatron_eagle.config import ModelConfig, ParallelConfig
+from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_eagle.models.eagle import EagleModel, build_model
 from megatron_eagle.training.memory import MemoryEstimate, device_capacity, resolve_recompute
 from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
@@ -51,6 +51,62 @@ def resolve_model_recompute(model_cfg: ModelConfig, parallel: ParallelConfig, op
     return dataclasses.replace(model_cfg, recompute_vision=rv, recompute_llm=rl), est
 
 
+class HostActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Saved activations in (pinned) host memory until the backward needs them. Parameters stay
+    where they are: megatron's linears accumulate weight gradients into ``param.main_grad`` and
+    flag ``param.grad_added_to_main_grad`` on the tensor they saved, and with a host copy in its
+    place the parameter gets no gradient at all (``torch.autograd.graph.save_on_cpu`` does that:
+    megatron's DDP then fails with overlapped gradient reduction). Copying weights would also
+    cost PCIe time for nothing."""
+
+    def __init__(self, pin_memory: bool):
+        def pack(t: torch.Tensor):
+            if isinstance(t, torch.nn.Parameter) or t.device.type == "cpu":
+                return None, t
+            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin_memory)
+            host.copy_(t)
+            return t.device, host
+
+        def unpack(packed):
+            device, t = packed
+            return t if device is None else t.to(device, non_blocking=pin_memory)
+
+        super().__init__(pack, unpack)
+
+
+def offload_vision_activations(model: EagleModel) -> None:
+    """Run the ViT's forward under :class:`HostActivations` (``model.offload_vision``)."""
+    vit = getattr(model, "vision_model", None)
+    if vit is None:  # a pipeline stage without the ViT
+        return
+    forward = vit.forward
+    pin = torch.cuda.is_available()
+
+    def offloaded(*args, **kwargs):
+        with HostActivations(pin):
+            return forward(*args, **kwargs)
+    vit.forward = offloaded
+
+
+def check_combination(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig) -> None:
+    """Refuse, before anything is built, the option combinations that cannot run; ConfigError
+    names the fix.
+
+    ViT activation offload with gradient reduction overlapped with the backward: megatron's DDP
+    hooks then see weights without gradients (``param.grad being None is not safe when
+    overlap_grad_reduce is True``; reproduced on CPU with the overlap forced on). Refused where
+    GPUs would overlap (CPUs never do, but the config is refused alike, so that it means the
+    same everywhere). With full ViT recompute the ViT saves only layer inputs inside its
+    checkpoints and nothing is offloaded, so that combination runs.
+    """
+    if model_cfg.offload_vision and optim.overlap_grad_reduce and model_cfg.recompute_vision != "full":
+        raise ConfigError("model.offload_vision",
+                          "ViT activation offload cannot run with optim.overlap_grad_reduce (megatron's DDP "
+                          "hooks see weights without gradients)",
+                          "set model.recompute_vision=full instead (it saves more memory, and offloading was "
+                          "3x slower: docs/performance.md), or optim.overlap_grad_reduce=false")
+
+
 def cap_exceeded(est: MemoryEstimate) -> bool:
     """Whether the prediction exceeds the whole GPU (refused before step 1)."""
     cap = device_capacity()
@@ -70,12 +126,11 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     """
     from megatron.core import parallel_state as ps
 
+    check_combination(model_cfg, parallel, optim)
     auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
     model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
                                              dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
     if est is not None and cap_exceeded(est):
-        from megatron_eagle.config import ConfigError
-
         raise ConfigError("model.recompute_vision/recompute_llm",
                           f"the memory model predicts {est.total / 2 ** 30:.1f} GiB per rank even with vision="
                           f"{est.recompute_vision}, llm={est.recompute_llm} (static {est.static / 2 ** 30:.1f} GiB), "
@@ -87,6 +142,8 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
         log.info("recompute auto -> vision %s, llm %s (predicted peak %.1f GiB)", model_cfg.recompute_vision,
                  model_cfg.recompute_llm, est.total / 2 ** 30)
     model = build_model(model_cfg, parallel, chunk_tokens=chunk_tokens)
+    if model_cfg.offload_vision:
+        offload_vision_activations(model)
     if before_wrap is not None:
         before_wrap(model)
     bf16 = model_cfg.params_dtype == "bfloat16"
