@@ -6,9 +6,13 @@ card, in one run:
 - **ours** (:mod:`.ours`): ``EagleModel`` (bf16) in megatron-core DDP + DistributedOptimizer built
   by the trainer's setup, one micro-batch per step through ``training.step.forward_backward`` and
   ``guarded_optimizer_step``, exactly as the trainer runs it;
-- **hf** (:mod:`.baselines`): transformers' SigLIP + Qwen2 in plain PyTorch with SDPA and fused
-  AdamW (``hf``: block-diagonal mask; ``hf+nomask``: one causal sequence per pack; ``hf+gc``:
-  gradient checkpointing).
+- **hf-strong** (:mod:`.hf_strong`): the same transformers classes as a careful user runs them:
+  flash varlen attention over ``cu_seqlens``, Liger's RoPE/RMSNorm/SwiGLU, the loss on supervised
+  positions only, fused AdamW (``+fp32-master``: fp32 master weights and Adam state; ``+gc``:
+  gradient checkpointing; ``+flce``: Liger's fused linear cross-entropy);
+- **hf** (:mod:`.baselines`, ``hf-naive`` in records): transformers' SigLIP + Qwen2 in plain
+  PyTorch with SDPA and fused AdamW (``hf``: block-diagonal mask; ``hf+nomask``: one causal
+  sequence per pack; ``hf+gc``: gradient checkpointing).
 
 Reported per variant: tokens/s, MFU against 989 TFLOP/s and against the bf16 matmul peak
 measured in the same run (8192^3), peak memory, and the step split into ViT, LLM forward,
@@ -32,11 +36,12 @@ Variants (:mod:`.variants`) are ``ours`` or ``hf`` followed by ``+option`` token
 attention), ``rc-llm-N`` (recompute N LLM layers, block method), ``swiglu`` / ``no-swiglu``
 (megatron's fused SwiGLU, torch.compile; the default on GPUs), ``cudnn-attn`` / ``flash-attn``
 (the LLM's packed attention on cuDNN's fused SDPA / on FlashAttention-2), ``offload-vit`` (ViT
-activations saved on the CPU), ``grad-bf16`` (bf16 grad buffers), ``no-flat-adam`` (megatron's
+activations saved on the CPU, ``model.offload_vision``), ``rc-auto`` (``recompute: auto``),
+``grad-bf16`` (bf16 grad buffers), ``no-flat-adam`` (megatron's
 per-parameter AdamW step instead of the flat fused one), ``no-overlap-grad`` (the grad
 reduce-scatter after the backward instead of during it), ``overlap`` (also overlap the param
 all-gather with the forward), ``sp`` (sequence parallelism when TP > 1), ``prof`` (one extra step
-under torch.profiler). ``hf``: ``nomask``, ``gc``. On both sides ``mbN`` accumulates gradients
+under torch.profiler). ``hf``: ``nomask``, ``gc``. ``hf-strong``: ``fp32-master``, ``gc``, ``flce``. On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
