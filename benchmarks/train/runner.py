@@ -180,6 +180,8 @@ def worker(args) -> list[dict]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib / total), device)
     cfg = preset_model_config(args.preset)
     cfg.params_dtype = "bfloat16" if device.type == "cuda" or args.bf16_cpu else "float32"
+    if args.llm_layers:  # the preset's shapes with a shorter LLM (an 8B-shaped model on one GPU)
+        cfg.llm.num_layers = args.llm_layers
     variants = [parse_variant(v) for v in args.variants]
     t_start = time.time()
     peak = matmul_peak_tflops(device) if rt.rank == 0 or device.type == "cuda" else None
@@ -237,7 +239,7 @@ def launch(args, n: int, tp: int, seq: int, variants: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         wout = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               str(ENTRY), "--preset", args.preset, "--tp", str(tp), "--steps", str(args.steps),
+               str(ENTRY), "--preset", args.preset, "--llm-layers", str(args.llm_layers), "--tp", str(tp), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--packs", str(args.packs), "--rank-packs", args.rank_packs,
                "--worker-out", str(wout),
                "--seq-len", str(seq), "--variants", *variants]
@@ -299,6 +301,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--layouts", nargs="+", default=None,
                     help="GPUSxTP per torchrun launch, e.g. 1x1 2x1 4x1 2x2 4x4 (default: this process only)")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--llm-layers", type=int, default=0,
+                    help="cut the preset's LLM to this many layers (training.memory.max_llm_layers: as many as "
+                         "fit one GPU beside the full ViT)")
     ap.add_argument("--check-attention", action="store_true", help="check packed GQA flash attention first")
     ap.add_argument("--time-budget-s", type=float, default=0, help="skip variants started after this")
     ap.add_argument("--launch-timeout-s", type=float, default=600)

@@ -271,3 +271,16 @@ def plan_memory_command(args) -> int:
     cap = args.gpu_gib * GIB if args.gpu_gib else None
     print(plan_text(cfg, par, OptimConfig(), args.seq_len, cap, dp=args.dp or 1, label=f"{args.memory}: "))
     return 0
+
+
+def max_llm_layers(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, capacity: float,
+                   margin: float = 0.9) -> int:
+    """The most LLM layers of ``cfg``'s shapes that fit ``margin`` x ``capacity`` beside the full ViT
+    at ``seq_len`` with full recompute of both (an 8B-shaped model cut to one GPU); 0 if none."""
+    best = 0
+    for n in range(1, cfg.llm.num_layers + 1):
+        c = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=n))
+        if estimate(c, parallel, optim, seq_len, recompute_vision="full", recompute_llm="full").total > margin * capacity:
+            break
+        best = n
+    return best

@@ -111,3 +111,16 @@ def test_plan_memory_and_train_dry_run_print_the_breakdown(capsys):
     assert main(["train", "--config", str(run_yaml), "--dry-run", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("auto picks") == 2 and "stage connector: L=512" in out and "stage full: L=1024 TP=2" in out
+
+
+def test_max_llm_layers_is_the_most_that_fits():
+    from megatron_eagle.training.memory import max_llm_layers
+
+    c = _cfg("eagle2.5-8b")
+    cap = 139.8 * GIB
+    n = max_llm_layers(c, ParallelConfig(), OptimConfig(), 32768, cap)
+    assert 0 < n < c.llm.num_layers
+    at = lambda k: estimate(dataclasses.replace(c, llm=dataclasses.replace(c.llm, num_layers=k)),  # noqa: E731
+                            ParallelConfig(), OptimConfig(), 32768, recompute_vision="full", recompute_llm="full").total
+    assert at(n) <= 0.9 * cap < at(n + 1)
+    assert max_llm_layers(c, ParallelConfig(), OptimConfig(), 8192, cap) >= n  # shorter packs: at least as many
