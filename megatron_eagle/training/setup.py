@@ -14,7 +14,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron_eagle.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_eagle.models.eagle import EagleModel, build_model
 from megatron_eagle.training.memory import MemoryEstimate, device_capacity, resolve_recompute
-from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+from megatron_eagle.training.optimizer import OptimConfig, build_optimizer, enable_wgrad_fusion, wrap_ddp
 
 log = logging.getLogger("megatron_eagle.train")
 
@@ -88,25 +88,6 @@ def offload_vision_activations(model: EagleModel) -> None:
     vit.forward = offloaded
 
 
-def check_combination(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig) -> None:
-    """Refuse, before anything is built, the option combinations that cannot run; ConfigError
-    names the fix.
-
-    ViT activation offload with gradient reduction overlapped with the backward: megatron's DDP
-    hooks then see weights without gradients (``param.grad being None is not safe when
-    overlap_grad_reduce is True``; reproduced on CPU with the overlap forced on). Refused where
-    GPUs would overlap (CPUs never do, but the config is refused alike, so that it means the
-    same everywhere). With full ViT recompute the ViT saves only layer inputs inside its
-    checkpoints and nothing is offloaded, so that combination runs.
-    """
-    if model_cfg.offload_vision and optim.overlap_grad_reduce and model_cfg.recompute_vision != "full":
-        raise ConfigError("model.offload_vision",
-                          "ViT activation offload cannot run with optim.overlap_grad_reduce (megatron's DDP "
-                          "hooks see weights without gradients)",
-                          "set model.recompute_vision=full instead (it saves more memory, and offloading was "
-                          "3x slower: docs/performance.md), or optim.overlap_grad_reduce=false")
-
-
 def cap_exceeded(est: MemoryEstimate) -> bool:
     """Whether the prediction exceeds the whole GPU (refused before step 1)."""
     cap = device_capacity()
@@ -126,7 +107,6 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     """
     from megatron.core import parallel_state as ps
 
-    check_combination(model_cfg, parallel, optim)
     auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
     model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
                                              dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
@@ -148,6 +128,12 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
         before_wrap(model)
     bf16 = model_cfg.params_dtype == "bfloat16"
     ddp = wrap_ddp(model, optim, bf16)
+    if model_cfg.offload_vision and hasattr(model, "vision_model"):
+        # Under saved-tensor hooks (any, even identity ones) megatron's fused weight-gradient path
+        # leaves the ViT's weights without a .grad, and DDP's overlapped reduction asserts
+        # ("param.grad being None is not safe when overlap_grad_reduce is True"): the offloaded
+        # ViT's linears write their weight gradients the unfused way.
+        enable_wgrad_fusion(model.vision_model, on=False)
     ddp.config.finalize_model_grads_func = finalize_model_grads
     ddp.config.no_sync_func = ddp.no_sync  # reduce grads once per step, not per micro-batch
     optimizer = build_optimizer([ddp], optim, bf16)
