@@ -197,7 +197,7 @@ def recompute_cost(cfg: ModelConfig, rv: str, rl: str, seq_len: int, tiles: int)
 
 def resolve_recompute(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, capacity: Optional[float],
                       *, dp: int = 1, margin: float = 0.9, tiles: Optional[int] = None,
-                      offload_vit: bool = False) -> MemoryEstimate:
+                      offload_vit: bool = False, chunk_tokens: int = 2048) -> MemoryEstimate:
     """The recompute choice for ``auto``: among the settings a module's ``auto`` leaves open (an
     explicit setting stays), the one that repeats the fewest FLOPs whose predicted peak fits
     ``margin`` x ``capacity`` bytes; the most saving one when none fits. ``capacity`` None (no GPU):
@@ -206,7 +206,7 @@ def resolve_recompute(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len
     ls = MODES if cfg.recompute_llm == "auto" else (cfg.recompute_llm,)
     worst = seq_len // cfg.tokens_per_tile if tiles is None else tiles
     cands = [estimate(cfg, parallel, optim, seq_len, tiles, dp=dp, recompute_vision=rv, recompute_llm=rl,
-                      offload_vit=offload_vit) for rv in vs for rl in ls]
+                      offload_vit=offload_vit, chunk_tokens=chunk_tokens) for rv in vs for rl in ls]
     if capacity is None:
         return cands[0]
     fits = [e for e in cands if e.total <= margin * capacity]

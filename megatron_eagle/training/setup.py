@@ -45,7 +45,7 @@ def resolve_model_recompute(model_cfg: ModelConfig, parallel: ParallelConfig, op
         est = None
         rv, rl = model_cfg.recompute_vision, model_cfg.recompute_llm
     else:
-        est = resolve_recompute(model_cfg, parallel, optim, seq_len, cap, dp=dp)
+        est = resolve_recompute(model_cfg, parallel, optim, seq_len, cap, dp=dp, chunk_tokens=chunk_tokens)
         rv, rl = est.recompute_vision, est.recompute_llm
     rv, rl = ("none" if rv == "auto" else rv), ("none" if rl == "auto" else rl)
     return dataclasses.replace(model_cfg, recompute_vision=rv, recompute_llm=rl), est
@@ -110,7 +110,12 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
     model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
                                              dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
-    if est is not None and cap_exceeded(est):
+    if est is not None and cap_exceeded(est) and not auto and est.static <= device_capacity():
+        # an explicit setting is the user's call (the prediction assumes every token visual)
+        log.warning("the memory model predicts %.1f GiB per rank for vision=%s llm=%s, more than this GPU has; "
+                    "`megatron-eagle train --dry-run` prints the breakdown", est.total / 2 ** 30,
+                    est.recompute_vision, est.recompute_llm)
+    elif est is not None and cap_exceeded(est):
         raise ConfigError("model.recompute_vision/recompute_llm",
                           f"the memory model predicts {est.total / 2 ** 30:.1f} GiB per rank even with vision="
                           f"{est.recompute_vision}, llm={est.recompute_llm} (static {est.static / 2 ** 30:.1f} GiB), "

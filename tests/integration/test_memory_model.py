@@ -53,3 +53,30 @@ def test_static_terms_equal_the_real_tensor_sizes(world, freeze_vision):
         # DP shards are whole buckets: each rank's share is within a few elements of 1/DP
         assert abs(real["optimizer"] - pred["optimizer"]) <= 0.02 * pred["optimizer"], (real, pred)
         assert recompute == ("none", "none")  # auto on a CPU: nothing to fit
+
+
+def _refusal(rank, world):
+    import dataclasses
+
+    from megatron_eagle.config import ConfigError, ParallelConfig, preset_model_config
+    from megatron_eagle.runtime.distributed import init_model_parallel
+    from megatron_eagle.training import setup
+    from megatron_eagle.training.memory import GIB
+    from megatron_eagle.training.optimizer import OptimConfig
+
+    init_model_parallel(tp=1, seed=1)
+    setup.device_capacity = lambda: 79.18 * GIB  # an H100 80GB
+    cfg = dataclasses.replace(preset_model_config("eagle2.5-8b"), params_dtype="bfloat16")
+    try:  # refused before anything is built: the 8B model's static state alone is 135 GiB
+        setup.build_training_state(cfg, ParallelConfig(), OptimConfig(), seq_len=32768)
+    except ConfigError as e:
+        refused = (e.field, e.fix)
+    small = dataclasses.replace(preset_model_config("eagle2.5-2b"), params_dtype="bfloat16")
+    chosen = setup.resolve_model_recompute(small, ParallelConfig(), OptimConfig(), 65536)[0]
+    return refused, (chosen.recompute_vision, chosen.recompute_llm)
+
+
+def test_auto_refuses_what_cannot_fit_and_resolves_with_the_gpu_memory():
+    refused, chosen = run_distributed(_refusal, 1, timeout=240)[0]
+    assert refused[0].startswith("model.recompute") and "parallel.tp" in refused[1] and "--dry-run" in refused[1]
+    assert chosen == ("full", "full")
