@@ -66,9 +66,16 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register_attention() -> None:
+    """The attention function, and no mask for it: where a transformers version builds masks
+    despite the prepared (empty) mask mapping, it asks the mask interface of this name."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, varlen_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # pragma: no cover - versions without a mask interface build none
+        return
+    AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
 
 
 def _apply_liger(lm) -> bool:

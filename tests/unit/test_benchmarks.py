@@ -96,3 +96,29 @@ def test_every_benchmark_has_a_smoke_test():
     assert {p.name for p in BENCH.glob("*.py")} == smoked
     assert {p.name for p in BENCH.glob("*.sh")} == {"ab_checkouts.sh", "context_parallel_sweep.sh",
                                                      "gpu_train_smoke.sh", "train_throughput_sweep.sh"}
+
+
+def test_hf_strong_packed_attention_equals_each_subsample_alone():
+    """hf-strong's LLM over a pack (varlen attention over cu_seqlens, no mask built) gives the hidden
+    states of running every sub-sample alone with SDPA."""
+    from benchmarks.train.hf_strong import ATTN_NAME, HFStrongSide
+    from benchmarks.train.packs import make_pack
+    from benchmarks.train.variants import parse_variant
+    from megatron_eagle.config import preset_model_config
+
+    cfg = preset_model_config("tiny")
+    side = HFStrongSide(cfg, parse_variant("hf-strong"), torch.device("cpu"))
+    pack = next(p for p in (make_pack(cfg, 384, s) for s in range(10)) if len(p.lens) >= 3)
+    b, lm = pack.batch, side.ref.language_model
+    with torch.no_grad():
+        emb = side.ref.input_embeds(b.tokens, b.pixel_values)
+        cu = b.cu_seqlens.to(torch.int32)
+        packed = lm.model(inputs_embeds=emb, position_ids=b.position_ids.unsqueeze(0), use_cache=False,
+                          attention_mask={"full_attention": None}, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                          max_length_q=max(pack.lens), max_length_k=max(pack.lens)).last_hidden_state[0]
+        lm.config._attn_implementation = "sdpa"
+        alone = torch.cat([lm.model(inputs_embeds=emb[:, a:z], use_cache=False).last_hidden_state[0]
+                           for a, z in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    lm.config._attn_implementation = ATTN_NAME
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    side.close()
