@@ -122,3 +122,41 @@ def test_hf_strong_packed_attention_equals_each_subsample_alone():
     lm.config._attn_implementation = ATTN_NAME
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     side.close()
+
+
+def test_scale_projection_fit_and_projection():
+    """The cost-model fit recovers known per-pack costs (held-out error ~0), and with the same cost
+    model on both stacks the balanced packer's straggler is no slower than the Eagle 2 knapsack's."""
+    import argparse
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    from scale_projection import fit, project
+
+    rng = np.random.default_rng(0)
+    true = np.array([0.05, 2e-5, 1e-12, 3e-3])  # s, s/token, s/len^2, s/tile
+    samples = []
+    for stack in ("hf-strong", "ours"):
+        for _ in range(12):
+            lens = rng.integers(100, 8000, rng.integers(2, 9)).tolist()
+            tiles = int(rng.integers(0, 100))
+            a = np.asarray(lens, float)
+            t = float(true @ [1, a.sum(), (a * a).sum(), tiles]) * (1.3 if stack == "hf-strong" else 1.0)
+            samples.append(dict(stack=stack, lens=lens, tiles=tiles, seconds=t, status="ok"))
+    fits = fit(samples)
+    assert set(fits) == {"hf-strong", "ours"}
+    assert all(f["heldout_mean_abs_err"] < 1e-3 and f["n"] == 12 for f in fits.values()), fits
+    args = argparse.Namespace(preset="eagle2.5-2b", seq_lens=[32768], project_samples=40000, seed=0, bus_gbs=1e9,
+                              cost_model="eagle2.5-2b")
+    rows = project(args, fits)  # (almost) free all-reduce: the stack's 1.3x and the packers' imbalance
+    ours = {r["dp"]: r for r in rows if r["stack"] == "ours"}
+    hf = {r["dp"]: r for r in rows if r["stack"] == "hf-strong"}
+    assert set(ours) == set(hf) == {64, 256, 512} and all(r["planner"] == "balanced" for r in ours.values())
+    for dp in ours:
+        assert ours[dp]["imbalance"] <= hf[dp]["imbalance"] and ours[dp]["speedup_vs_hf_strong"] >= 1.3, (ours, hf)
+    args.bus_gbs = 50.0  # the same all-reduce on both sides dilutes the speedup
+    slow = {r["dp"]: r for r in project(args, fits) if r["stack"] == "ours"}
+    assert all(1.0 < slow[dp]["speedup_vs_hf_strong"] < ours[dp]["speedup_vs_hf_strong"] for dp in ours)
+    assert all(r["allreduce_s"] > 0 and r["tokens_per_s_per_gpu"] > 0 for r in slow.values())
