@@ -71,7 +71,11 @@ def _llm_dims(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def vocab_rows(cfg: ModelConfig, tp: int) -> int:
-    """Rows of the embedding/output layer: the vocabulary padded so that TP divides it."""
+    """Rows of the embedding/output layer: the vocabulary padded as the model pads it
+    (``LLMConfig.padded_vocab_size`` where the config has it), else so that TP divides it."""
+    padded = getattr(cfg.llm, "padded_vocab_size", None)
+    if callable(padded):
+        return int(padded(tp))
     v = cfg.llm.vocab_size
     return -(-v // tp) * tp
 
