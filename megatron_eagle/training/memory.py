@@ -70,6 +70,11 @@ def _llm_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     return l.num_heads * d, l.num_kv_heads * d, d
 
 
+def _vit_layers(cfg: ModelConfig) -> int:
+    """ViT layers built: those up to ``select_layer`` where the config has it."""
+    return int(getattr(cfg.vision, "layers_used", cfg.vision.num_layers))
+
+
 def vocab_rows(cfg: ModelConfig, tp: int) -> int:
     """Rows of the embedding/output layer: the vocabulary padded as the model pads it
     (``LLMConfig.padded_vocab_size`` where the config has it), else so that TP divides it."""
@@ -87,7 +92,8 @@ def param_counts(cfg: ModelConfig, parallel: ParallelConfig = ParallelConfig()) 
     v, l = cfg.vision, cfg.llm
     h, f = v.hidden_size, v.ffn_hidden_size
     vit_layer = (2 * h) * 2 + (3 * h * h + 3 * h + h * f + f + f * h) // tp + h * h // tp + h + h
-    vision = 3 * v.patch_size ** 2 * h + h + v.patches_per_side ** 2 * h + v.num_layers * vit_layer + 2 * h
+    post_ln = 2 * h if getattr(v, "post_layernorm", True) else 0  # only after the last layer (select_layer -1)
+    vision = 3 * v.patch_size ** 2 * h + h + v.patches_per_side ** 2 * h + _vit_layers(cfg) * vit_layer + post_ln
     c = h * int(round(1 / cfg.downsample_ratio)) ** 2
     H = l.hidden_size
     connector = 2 * c + (c * H + H) // tp + H * H // tp + H
@@ -165,7 +171,7 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, ti
     c = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
     visual = tiles * tpt / cp
     connector = (2 * c + 2 * l.hidden_size) * act_dtype * visual / parallel.tp
-    vit_saved = v.num_layers * (vit_input if rv == "full" else vit_layer)
+    vit_saved = _vit_layers(cfg) * (vit_input if rv == "full" else vit_layer)
     if offload_vit:
         vit_saved, pixels = 0.0, 0.0
     terms["activations:vit"] = vit_saved + pixels + connector
