@@ -22,7 +22,8 @@ def test_param_counts_of_the_presets():
     # eagle2.5-2b: 1.96 B parameters (SigLIP-so400m + connector + Qwen2.5-1.5B, tied embeddings)
     assert sum(param_counts(_cfg()).values()) == 1_966_490_864
     assert param_counts(_cfg())["vision"] == 413_327_088
-    assert sum(param_counts(_cfg("eagle2.5-8b")).values()) == 8_058_320_112
+    big = param_counts(_cfg("eagle2.5-8b"))  # Qwen2.5-7B's shapes; its ViT depends on the preset's tower
+    assert big["llm"] == 7_615_616_512 and abs(sum(big.values()) / 8.058e9 - 1) < 1e-3
     tp2 = param_counts(_cfg(), ParallelConfig(tp=2))
     assert sum(tp2.values()) < 0.55 * sum(param_counts(_cfg()).values())
 
