@@ -23,5 +23,8 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",
     ],
+    # the benchmarks' hf-strong baseline (benchmarks/train/hf_strong.py): Liger's RoPE, RMSNorm,
+    # SwiGLU and fused linear cross-entropy; GPU only (Triton)
+    extras_require={"benchmarks": ["liger-kernel>=0.8.5"]},
     entry_points={"console_scripts": ["megatron-eagle=megatron_eagle.cli:main"]},
 )

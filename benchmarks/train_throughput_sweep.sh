@@ -10,6 +10,10 @@
 #                                                        # GPU kernel time (profiled) and wall time
 #   benchmarks/train_throughput_sweep.sh dp2 OUTDIR      # 2 GPUs, 8K: 1 GPU vs DP 2 (reduce-scatter overlapped or
 #                                                        # not, bf16 grads) vs TP 2 + SP, the same packs on both ranks
+#   benchmarks/train_throughput_sweep.sh strong OUTDIR   # 1 GPU: ours vs hf-strong (both precisions) at 8K/32K/64K with
+#                                                        # predicted and measured peaks; then the 8B-shaped model
+#   benchmarks/train_throughput_sweep.sh projection OUTDIR  # 1 GPU: pack times of both planners on both stacks, the
+#                                                        # cost-model fit and the projection at DP 64/256/512 (+ PNG)
 # Each invocation appends to OUTDIR/{runs,raw}.json and writes markdown tables and logs. Later steps
 # are skipped once the script has run LIMIT seconds (default 560: fits a 10-minute job limit).
 set -uo pipefail
@@ -26,6 +30,19 @@ if [ "$mode" = single ]; then
   $B --preset eagle2.5-2b --seq-len 32768 65536 --steps 3 --warmup 1 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 60 )) \
      --md-out "$out/tlong.md" --variants \
      ours+rc-vit+rc-llm ours+rc-vit+rc-llm-16 hf+gc hf 2>&1 | tee "$out/loglong.txt"
+elif [ "$mode" = strong ]; then
+  $B --preset eagle2.5-2b --seq-len 8192 --steps 5 --warmup 2 --md-out "$out/t8k.md" --variants \
+     hf-strong hf-strong+fp32-master hf-strong+fp32-master+flce ours 2>&1 | tee "$out/log8k.txt"
+  $B --preset eagle2.5-2b --seq-len 32768 --steps 3 --warmup 2 --md-out "$out/t32k.md" --variants \
+     hf-strong+fp32-master+gc hf-strong+gc ours+rc-auto ours+rc-vit+rc-llm 2>&1 | tee "$out/log32k.txt"
+  $B --preset eagle2.5-2b --seq-len 65536 --steps 3 --warmup 2 --time-budget-s $(( ${LIMIT:-560} - SECONDS - 120 )) \
+     --md-out "$out/t64k.md" --variants hf-strong+gc hf-strong+fp32-master+gc ours+rc-auto 2>&1 | tee "$out/log64k.txt"
+  $B --preset eagle2.5-8b --llm-layers ${LLM_LAYERS_8B:-20} --seq-len 32768 --steps 3 --warmup 1 \
+     --time-budget-s $(( ${LIMIT:-560} - SECONDS - 10 )) --md-out "$out/t8b.md" --variants \
+     hf-strong+fp32-master+gc ours+rc-auto 2>&1 | tee "$out/log8b.txt"
+elif [ "$mode" = projection ]; then
+  python3 benchmarks/scale_projection.py --seq-lens 32768 65536 --packs-per-planner ${PACKS:-6} \
+     --out "$out/scale_projection.json" --png "$out/scale_projection.png" 2>&1 | tee "$out/logproj.txt"
 elif [ "$mode" = multi ]; then
   # no-swiglu: the scaling runs skip the per-process torch.compile of the fused SwiGLU (same scaling)
   V=ours+rc-vit+no-swiglu

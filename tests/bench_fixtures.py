@@ -17,6 +17,9 @@ SCRIPTS = {
     "plan_data.py": (["--records", "300", "--workers", "1"], 0, "table_from_prepared, 1 worker(s)", None),
     "video_decode.py": (["--lengths", "2", "--codecs", "h264", "--frames", "4", "--repeat", "1", "--size", "64", "48",
                          "--tile", "32", "--json", "vd.json"], 0, "| h264 | 2 s |", "vd.json"),
+    "scale_projection.py": (["--preset", "tiny", "--seq-lens", "512", "--packs-per-planner", "3", "--mix-samples",
+                             "2000", "--project-samples", "3000", "--out", "sp.json", "--png", "sp.png"], 0,
+                            "| 0K | 64 | ours | balanced |", "sp.json"),
     "attention_kernels.py": (["--totals", "1024", "--reps", "1"], 1, "no CUDA device", None),
     "layer_kernels.py": (["--reps", "1"], 2, "needs a GPU", None),
 }

@@ -1,4 +1,4 @@
-"""The HF baseline: transformers' ``SiglipVisionModel`` + pixel shuffle + ``mlp1`` +
+"""The naive HF baseline (``hf`` variants, ``hf-naive`` in records): transformers' ``SiglipVisionModel`` + pixel shuffle + ``mlp1`` +
 ``Qwen2ForCausalLM`` (``EagleHFReference``) in plain PyTorch, trained the way a user of
 transformers trains it.
 
@@ -76,7 +76,9 @@ class HFSide:
 
     def config(self) -> dict:
         """The variant's options and the baseline's fixed choices."""
-        return {**self.v.options(), "attn_implementation": "sdpa", "fused_adamw": self.device.type == "cuda"}
+        return {**self.v.options(), "baseline": "hf-naive", "baseline_precision": "bf16-adam",
+                "attn_implementation": "sdpa", "fused_adamw": self.device.type == "cuda",
+                "recompute": "gradient-checkpointing (vit, llm)" if self.v.grad_ckpt else "none"}
 
     def close(self) -> None:
         for h in self.hooks:

@@ -21,19 +21,12 @@ def _apply_variant(v: Variant, device: torch.device, model) -> None:
         llm_cfg.recompute_method, llm_cfg.recompute_num_layers = "block", v.recompute_llm_layers
     if v.swiglu is not None:
         llm_cfg.bias_activation_fusion = v.swiglu  # read by megatron's MLP at forward time
-    if v.offload_vit:
-        vit_forward = model.vision_model.forward
-
-        def offloaded(*a, **k):
-            with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-                return vit_forward(*a, **k)
-        model.vision_model.forward = offloaded
 
 
 class OursSide:
     """The trainer's model, DDP and optimizer with a variant's settings, and the phase hooks."""
 
-    def __init__(self, cfg, v: Variant, tp: int, device: torch.device):
+    def __init__(self, cfg, v: Variant, tp: int, device: torch.device, seq_len: int = 0, tiles: int = 0):
         from megatron_eagle.config import ParallelConfig
         from megatron_eagle.training.optimizer import OptimConfig
         from megatron_eagle.training.setup import build_training_state
@@ -41,13 +34,23 @@ class OursSide:
         self.device, self.v, self.hooks = device, v, []
         if os.environ.get("BENCH_FAIL_RANK") == os.environ.get("RANK", "0"):  # tests of the failure path
             raise torch.OutOfMemoryError("BENCH_FAIL_RANK")
-        mc = dataclasses.replace(cfg, recompute_vision=v.recompute_vision, recompute_llm=v.recompute_llm,
+        from megatron_eagle.training.memory import estimate
+
+        rv, rl = ("auto", "auto") if v.recompute_auto else (v.recompute_vision, v.recompute_llm)
+        mc = dataclasses.replace(cfg, recompute_vision=rv, recompute_llm=rl, offload_vision=v.offload_vit,
                                  attention_backend=v.attention or cfg.attention_backend)
         par = ParallelConfig(tp=tp, sp=v.sp and tp > 1)
         optim = OptimConfig(lr=1e-5, grad_reduce_in_fp32=not v.grad_bf16, flat_adamw=v.flat_adam,
                             overlap_grad_reduce=v.overlap or v.overlap_grad, overlap_param_gather=v.overlap)
         state = build_training_state(mc, par, optim, chunk_tokens=2048,
-                                     before_wrap=lambda model: _apply_variant(v, device, model))
+                                     before_wrap=lambda model: _apply_variant(v, device, model), seq_len=seq_len or None)
+        rv_used = state.memory.recompute_vision if v.recompute_auto and state.memory else rv
+        rl_used = state.memory.recompute_llm if v.recompute_auto and state.memory else rl
+        rv_used, rl_used = ("none" if rv_used == "auto" else rv_used), ("none" if rl_used == "auto" else rl_used)
+        # the memory model's prediction for these packs (the most tiles among them) and settings
+        self.memory = estimate(mc, par, optim, seq_len, tiles, dp=torch.distributed.get_world_size() // tp,
+                               recompute_vision=rv_used, recompute_llm=rl_used, offload_vit=v.offload_vit,
+                               llm_recompute_layers=v.recompute_llm_layers or None) if seq_len else None
         self.ddp, self.optimizer = state.ddp, state.optimizer
         self.marks = Marks(device.type == "cuda")
         m = self.ddp.module
@@ -55,7 +58,9 @@ class OursSide:
                                 "hidden_states") if hasattr(m, "vision_model") else []
         self.params = sum(p.numel() for p in state.model.parameters())
         self.resolved = dict(swiglu=bool(m.language_model.config.bias_activation_fusion),
-                             attention=mc.attention_backend, sp=par.sp)
+                             attention=mc.attention_backend, sp=par.sp,
+                             precision="fp32-master" if optim.use_distributed_optimizer else "bf16-adam",
+                             recompute_vision=rv_used, recompute_llm=rl_used)
 
     def config(self) -> dict:
         """The variant's options with the model's defaults filled in."""

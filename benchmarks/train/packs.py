@@ -95,3 +95,34 @@ def flops_of(cfg, pack: Pack) -> float:
     from megatron_eagle.training.flops import step_flops
 
     return step_flops(cfg, FreezeConfig(), pack.lens, pack.tiles, pack.supervised)
+
+
+def pack_from_samples(cfg, lengths, tiles, seed: int = 0) -> Pack:
+    """One pack of the given sub-samples (a planner's pack): sub-sample ``i`` is ``lengths[i]``
+    tokens holding ``tiles[i]`` tiles (their visual tokens in one run after a 60% text prompt),
+    the rest text, the text after the tiles supervised. Lengths are kept exactly; a sub-sample too
+    short for its tiles (a smaller preset's tiles) keeps as many as fit."""
+    from megatron_eagle.batch import pack_samples
+
+    g = torch.Generator().manual_seed(seed)
+    tpt, img_id, vocab = cfg.tokens_per_tile, cfg.image_token_id, cfg.llm.vocab_size
+    size = cfg.vision.image_size
+
+    def rand_ids(n: int) -> torch.Tensor:
+        ids = torch.randint(10, vocab, (n,), generator=g)
+        return torch.where(ids == img_id, ids + 1, ids)
+
+    samples, pixels, lens, total_tiles = [], [], [], 0
+    for n, t in zip((int(x) for x in lengths), (int(x) for x in tiles)):
+        t = max(0, min(t, (n - 2) // tpt))
+        text = n - t * tpt
+        prompt = (text * 6) // 10
+        ids = torch.cat([rand_ids(prompt), torch.full((t * tpt,), img_id), rand_ids(text - prompt)])
+        lab = torch.full_like(ids, IGNORE)
+        lab[n - (text - prompt):] = ids[n - (text - prompt):]
+        samples.append((ids, lab))
+        pixels.append(torch.randn(t, 3, size, size, generator=g))
+        lens.append(n)
+        total_tiles += t
+    batch = pack_samples(samples, pixels, (3, size, size))
+    return Pack(batch=batch, lens=lens, tiles=total_tiles, supervised=int((batch.labels >= 0).sum()), kinds={})

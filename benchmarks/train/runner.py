@@ -6,9 +6,13 @@ card, in one run:
 - **ours** (:mod:`.ours`): ``EagleModel`` (bf16) in megatron-core DDP + DistributedOptimizer built
   by the trainer's setup, one micro-batch per step through ``training.step.forward_backward`` and
   ``guarded_optimizer_step``, exactly as the trainer runs it;
-- **hf** (:mod:`.baselines`): transformers' SigLIP + Qwen2 in plain PyTorch with SDPA and fused
-  AdamW (``hf``: block-diagonal mask; ``hf+nomask``: one causal sequence per pack; ``hf+gc``:
-  gradient checkpointing).
+- **hf-strong** (:mod:`.hf_strong`): the same transformers classes as a careful user runs them:
+  flash varlen attention over ``cu_seqlens``, Liger's RoPE/RMSNorm/SwiGLU, the loss on supervised
+  positions only, fused AdamW (``+fp32-master``: fp32 master weights and Adam state; ``+gc``:
+  gradient checkpointing; ``+flce``: Liger's fused linear cross-entropy);
+- **hf** (:mod:`.baselines`, ``hf-naive`` in records): transformers' SigLIP + Qwen2 in plain
+  PyTorch with SDPA and fused AdamW (``hf``: block-diagonal mask; ``hf+nomask``: one causal
+  sequence per pack; ``hf+gc``: gradient checkpointing).
 
 Reported per variant: tokens/s, MFU against 989 TFLOP/s and against the bf16 matmul peak
 measured in the same run (8192^3), peak memory, and the step split into ViT, LLM forward,
@@ -32,11 +36,12 @@ Variants (:mod:`.variants`) are ``ours`` or ``hf`` followed by ``+option`` token
 attention), ``rc-llm-N`` (recompute N LLM layers, block method), ``swiglu`` / ``no-swiglu``
 (megatron's fused SwiGLU, torch.compile; the default on GPUs), ``cudnn-attn`` / ``flash-attn``
 (the LLM's packed attention on cuDNN's fused SDPA / on FlashAttention-2), ``offload-vit`` (ViT
-activations saved on the CPU), ``grad-bf16`` (bf16 grad buffers), ``no-flat-adam`` (megatron's
+activations saved on the CPU, ``model.offload_vision``), ``rc-auto`` (``recompute: auto``),
+``grad-bf16`` (bf16 grad buffers), ``no-flat-adam`` (megatron's
 per-parameter AdamW step instead of the flat fused one), ``no-overlap-grad`` (the grad
 reduce-scatter after the backward instead of during it), ``overlap`` (also overlap the param
 all-gather with the forward), ``sp`` (sequence parallelism when TP > 1), ``prof`` (one extra step
-under torch.profiler). ``hf``: ``nomask``, ``gc``. On both sides ``mbN`` accumulates gradients
+under torch.profiler). ``hf``: ``nomask``, ``gc``. ``hf-strong``: ``fp32-master``, ``gc``, ``flce``. On both sides ``mbN`` accumulates gradients
 over N packs per optimizer step (the per-module phases are then not reported).
 """
 
@@ -61,6 +66,7 @@ import torch
 
 from benchmarks.records import REPO, append_json, git_commit
 from benchmarks.train.baselines import HFSide
+from benchmarks.train.hf_strong import HFStrongSide
 from benchmarks.train.ours import OursSide, check_attention
 from benchmarks.train.packs import Pack, flops_of, make_pack
 from benchmarks.train.report import kernel_lines, markdown, median_table, pair_runs, summary_line
@@ -83,12 +89,16 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    side, res, config = None, {}, None
+    side, res, config, pred = None, {}, None, {}
     t_build = time.perf_counter()
     try:
         side = side_factory()
         build_s = time.perf_counter() - t_build
         config = side.config()
+        mem = getattr(side, "memory", None)
+        if mem is not None:  # ours: the memory model's prediction for this variant and these packs
+            pred = dict(predicted_peak_gib=mem.total / 2 ** 30,
+                        predicted_terms_gib={k: round(b / 2 ** 30, 3) for k, b in mem.terms.items()})
         n_micro = side.v.micro_batches
         groups = [[packs[(i * n_micro + j) % len(packs)] for j in range(n_micro)] for i in range(warmup + steps)]
         step_s, phases, losses = [], [], []
@@ -128,6 +138,7 @@ def measure(side_factory, packs: list[Pack], cfg, warmup: int, steps: int, devic
         res = dict(status="error", error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-3000:])
     if config is not None:
         res["config"] = config
+    res.update(pred)
     if cuda:
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if res["status"] == "ok" else None
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
@@ -169,6 +180,8 @@ def worker(args) -> list[dict]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib / total), device)
     cfg = preset_model_config(args.preset)
     cfg.params_dtype = "bfloat16" if device.type == "cuda" or args.bf16_cpu else "float32"
+    if args.llm_layers:  # the preset's shapes with a shorter LLM (an 8B-shaped model on one GPU)
+        cfg.llm.num_layers = args.llm_layers
     variants = [parse_variant(v) for v in args.variants]
     t_start = time.time()
     peak = matmul_peak_tflops(device) if rt.rank == 0 or device.type == "cuda" else None
@@ -192,16 +205,18 @@ def worker(args) -> list[dict]:
                     gflop=[round(flops_of(cfg, p) / 1e9, 1) for p in packs])
         log(f"# seq {seq_len}: packs {desc}")
         for v in variants:
-            if v.side == "hf" and rt.world_size > 1:
+            if v.side != "ours" and rt.world_size > 1:
                 continue
             if args.time_budget_s and time.time() - t_start > args.time_budget_s:
                 res = dict(status="skipped", error="time budget")
-            elif v.side == "hf":
-                res = measure(lambda: HFSide(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
+            elif v.side != "ours":
+                make = HFStrongSide if v.side == "hf-strong" else HFSide
+                res = measure(lambda: make(cfg, v, device), packs, cfg, args.warmup, args.steps, device,
                               rt.world_size, dp, peak)
             else:
-                res = measure(lambda: OursSide(cfg, v, tp, device), packs, cfg, args.warmup, args.steps, device,
-                              rt.world_size, dp, peak)
+                tiles = max(p.tiles for p in packs)
+                res = measure(lambda: OursSide(cfg, v, tp, device, seq_len, tiles), packs, cfg, args.warmup,
+                              args.steps, device, rt.world_size, dp, peak)
             res.setdefault("config", v.options())  # no side built: the variant's own options
             res.update(variant=v.name, side=v.side, seq_len=seq_len, preset=args.preset, world=rt.world_size,
                        tp=tp, dp=dp, packs=desc, **meta)
@@ -224,7 +239,7 @@ def launch(args, n: int, tp: int, seq: int, variants: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         wout = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               str(ENTRY), "--preset", args.preset, "--tp", str(tp), "--steps", str(args.steps),
+               str(ENTRY), "--preset", args.preset, "--llm-layers", str(args.llm_layers), "--tp", str(tp), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--packs", str(args.packs), "--rank-packs", args.rank_packs,
                "--worker-out", str(wout),
                "--seq-len", str(seq), "--variants", *variants]
@@ -286,6 +301,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--layouts", nargs="+", default=None,
                     help="GPUSxTP per torchrun launch, e.g. 1x1 2x1 4x1 2x2 4x4 (default: this process only)")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--llm-layers", type=int, default=0,
+                    help="cut the preset's LLM to this many layers (training.memory.max_llm_layers: as many as "
+                         "fit one GPU beside the full ViT)")
     ap.add_argument("--check-attention", action="store_true", help="check packed GQA flash attention first")
     ap.add_argument("--time-budget-s", type=float, default=0, help="skip variants started after this")
     ap.add_argument("--launch-timeout-s", type=float, default=600)

@@ -106,9 +106,13 @@ class ModelConfig:
     init_std: float = 0.02
     # id of <IMG_CONTEXT>; set from the tokenizer / HF config when a model is loaded.
     image_token_id: int = 5
-    # Activation recomputation per module: selective recomputes core attention only.
-    recompute_vision: Literal["none", "selective", "full"] = "none"
-    recompute_llm: Literal["none", "selective", "full"] = "none"
+    # Activation recomputation per module: selective recomputes core attention only; auto is
+    # resolved before step 1 by the memory model (training/memory.py): the cheapest setting
+    # predicted to fit the GPU's memory.
+    recompute_vision: Literal["auto", "none", "selective", "full"] = "auto"
+    recompute_llm: Literal["auto", "none", "selective", "full"] = "auto"
+    # The ViT's saved activations kept in pinned host memory during the step (training/setup.py)
+    offload_vision: bool = False
 
     @property
     def tokens_per_tile(self) -> int:

@@ -40,6 +40,8 @@ def _common(parallel: ParallelConfig, model: ModelConfig) -> dict:
 
 
 def _recompute(mode: str) -> dict:
+    # "auto" reaches a model only where nothing resolved it (training.setup does): inference and
+    # conversion, which recompute nothing
     if mode == "selective":
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     if mode == "full":

@@ -117,7 +117,8 @@ class Trainer:
                             grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32, flat_adamw=cfg.optim.flat_adamw,
                             overlap_grad_reduce=cfg.optim.overlap_grad_reduce)
         state = build_training_state(model_cfg, par, optim, chunk_tokens=cfg.loss.chunk_tokens,
-                                     before_wrap=self._init_weights if weights is None else None)
+                                     before_wrap=self._init_weights if weights is None else None,
+                                     seq_len=stage.seq_len)
         ddp, optimizer = state.ddp, state.optimizer
         loader = build_stage_loader(
             self.curriculum, stage.name, self.tokenizer, model_cfg, world_size=self.world,

@@ -27,7 +27,7 @@ def _bench(rank, world, out):
     from benchmarks.train.runner import main
 
     main(["--preset", "tiny", "--seq-len", "192", "--steps", "1", "--warmup", "1", "--packs", "2",
-          "--variants", "hf", "hf+nomask", "ours", ALL_OPTIONS,
+          "--variants", "hf", "hf+nomask", "hf-strong", "hf-strong+fp32-master+gc+flce", "ours", ALL_OPTIONS,
           "--out", str(out), "--raw-out", str(out) + ".raw", "--date", "2026-11-26"])
     return json.loads(open(out).read()), json.loads(open(str(out) + ".raw").read())
 
@@ -48,14 +48,28 @@ def test_benchmark_smoke_tiny(tmp_path):
         assert all(ph[k] is not None and ph[k] >= 0 for k in ("vit_fwd", "llm_fwd", "llm_bwd", "optimizer"))
         assert abs(sum(v for k, v in ph.items() if k != "total") - ph["total"]) < 1e-6 * max(ph["total"], 1)
         assert COMMIT.match(r["commit"])
-        assert r["config"]["side"] == "ours" and r["hf_config"] == raw[0]["config"]
+        assert r["config"]["side"] == "ours" and r["baseline"] == "hf-strong"
+        assert r["ours_precision"] == r["baseline_precision"] == "fp32-master"  # equal optimizer precision
+        assert set(r["baselines"]) == {"hf", "hf+nomask", "hf-strong", "hf-strong+fp32-master+gc+flce"}
+        assert r["baselines"]["hf-strong"]["precision"] == "bf16-adam"
+    # ours without recompute against hf-strong at fp32 master (only the checkpointed one ran),
+    # ours with recompute against hf-strong with gradient checkpointing
+    assert [r["hf_variant"] for r in runs] == ["hf-strong+fp32-master+gc+flce"] * 2
+    assert runs[0]["ours_recompute"]["llm"] == "none" and runs[1]["ours_recompute"]["vision"] == "full"
+    assert runs[1]["baseline_recompute"].startswith("gradient-checkpointing")
+    strong = {r["variant"]: r["config"] for r in raw if r["side"] == "hf-strong"}
+    for c in strong.values():  # on a CPU the flash/Liger paths are absent and the fallbacks are labelled
+        assert c["attention"] == "segment-sdpa (cpu fallback)" and c["liger"] is False
+    assert strong["hf-strong"]["loss"] == "torch-ce on supervised positions"
+    assert "torch fallback" in strong["hf-strong+fp32-master+gc+flce"]["loss"]
     assert runs[0]["config"]["recompute_llm"] == "none" and runs[0]["config"]["flat_adam"] is True
     mine = runs[1]["config"]
     assert (mine["recompute_vision"], mine["recompute_llm"], mine["swiglu"], mine["offload_vit"], mine["grad_bf16"],
             mine["flat_adam"], mine["overlap_grad"], mine["overlap"]) == ("full", "full", False, True, True, False,
                                                                           False, True)
     assert mine["sp"] is False  # resolved: no sequence parallelism at TP 1
-    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "ours", ALL_OPTIONS}
+    assert {r["variant"] for r in raw} == {"hf", "hf+nomask", "hf-strong", "hf-strong+fp32-master+gc+flce", "ours",
+                                           ALL_OPTIONS}
     assert [r["config"]["doc_mask"] for r in raw[:2]] == [True, False]
     for r in raw:  # same packs, random init: every side starts near ln(vocab)
         assert all(abs(x - torch.log(torch.tensor(512.0)).item()) < 1.5 for x in r["losses"]), r["losses"]

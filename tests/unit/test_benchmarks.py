@@ -49,6 +49,22 @@ def test_parse_variant():
     assert "doc_mask" not in parse_variant("ours").options()
 
 
+def test_parse_hf_strong_variant():
+    from benchmarks.train.variants import STRONG_TOKENS, baseline_label, parse_variant
+
+    v = parse_variant("hf-strong+fp32-master+gc+flce+mb2")
+    assert (v.side, v.master_fp32, v.grad_ckpt, v.fused_linear_ce, v.micro_batches) == ("hf-strong", True, True,
+                                                                                         True, 2)
+    assert set(v.options()) == {"side", "micro_batches", "grad_ckpt", "master_fp32", "fused_linear_ce"}
+    for token, (field, value) in STRONG_TOKENS.items():
+        assert getattr(parse_variant(f"hf-strong+{token}"), field) == value
+    for bad in ("hf-strong+nomask", "hf-strong+rc-vit", "hf-weak"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    assert "master_fp32" not in parse_variant("ours").options() and "master_fp32" not in parse_variant("hf").options()
+    assert (baseline_label("hf"), baseline_label("hf-strong")) == ("hf-naive", "hf-strong")
+
+
 def test_gpu_idle_finds_the_gaps_between_kernels():
     from types import SimpleNamespace
 
@@ -80,3 +96,67 @@ def test_every_benchmark_has_a_smoke_test():
     assert {p.name for p in BENCH.glob("*.py")} == smoked
     assert {p.name for p in BENCH.glob("*.sh")} == {"ab_checkouts.sh", "context_parallel_sweep.sh",
                                                      "gpu_train_smoke.sh", "train_throughput_sweep.sh"}
+
+
+def test_hf_strong_packed_attention_equals_each_subsample_alone():
+    """hf-strong's LLM over a pack (varlen attention over cu_seqlens, no mask built) gives the hidden
+    states of running every sub-sample alone with SDPA."""
+    from benchmarks.train.hf_strong import ATTN_NAME, HFStrongSide
+    from benchmarks.train.packs import make_pack
+    from benchmarks.train.variants import parse_variant
+    from megatron_eagle.config import preset_model_config
+
+    cfg = preset_model_config("tiny")
+    side = HFStrongSide(cfg, parse_variant("hf-strong"), torch.device("cpu"))
+    pack = next(p for p in (make_pack(cfg, 384, s) for s in range(10)) if len(p.lens) >= 3)
+    b, lm = pack.batch, side.ref.language_model
+    with torch.no_grad():
+        emb = side.ref.input_embeds(b.tokens, b.pixel_values)
+        cu = b.cu_seqlens.to(torch.int32)
+        packed = lm.model(inputs_embeds=emb, position_ids=b.position_ids.unsqueeze(0), use_cache=False,
+                          attention_mask={"full_attention": None}, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                          max_length_q=max(pack.lens), max_length_k=max(pack.lens)).last_hidden_state[0]
+        lm.config._attn_implementation = "sdpa"
+        alone = torch.cat([lm.model(inputs_embeds=emb[:, a:z], use_cache=False).last_hidden_state[0]
+                           for a, z in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    lm.config._attn_implementation = ATTN_NAME
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    side.close()
+
+
+def test_scale_projection_fit_and_projection():
+    """The cost-model fit recovers known per-pack costs (held-out error ~0), and with the same cost
+    model on both stacks the balanced packer's straggler is no slower than the Eagle 2 knapsack's."""
+    import argparse
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    from scale_projection import fit, project
+
+    rng = np.random.default_rng(0)
+    true = np.array([0.05, 2e-5, 1e-12, 3e-3])  # s, s/token, s/len^2, s/tile
+    samples = []
+    for stack in ("hf-strong", "ours"):
+        for _ in range(12):
+            lens = rng.integers(100, 8000, rng.integers(2, 9)).tolist()
+            tiles = int(rng.integers(0, 100))
+            a = np.asarray(lens, float)
+            t = float(true @ [1, a.sum(), (a * a).sum(), tiles]) * (1.3 if stack == "hf-strong" else 1.0)
+            samples.append(dict(stack=stack, lens=lens, tiles=tiles, seconds=t, status="ok"))
+    fits = fit(samples)
+    assert set(fits) == {"hf-strong", "ours"}
+    assert all(f["heldout_mean_abs_err"] < 1e-3 and f["n"] == 12 for f in fits.values()), fits
+    args = argparse.Namespace(preset="eagle2.5-2b", seq_lens=[32768], project_samples=40000, seed=0, bus_gbs=1e9,
+                              cost_model="eagle2.5-2b")
+    rows = project(args, fits)  # (almost) free all-reduce: the stack's 1.3x and the packers' imbalance
+    ours = {r["dp"]: r for r in rows if r["stack"] == "ours"}
+    hf = {r["dp"]: r for r in rows if r["stack"] == "hf-strong"}
+    assert set(ours) == set(hf) == {64, 256, 512} and all(r["planner"] == "balanced" for r in ours.values())
+    for dp in ours:
+        assert ours[dp]["imbalance"] <= hf[dp]["imbalance"] and ours[dp]["speedup_vs_hf_strong"] >= 1.3, (ours, hf)
+    args.bus_gbs = 50.0  # the same all-reduce on both sides dilutes the speedup
+    slow = {r["dp"]: r for r in project(args, fits) if r["stack"] == "ours"}
+    assert all(1.0 < slow[dp]["speedup_vs_hf_strong"] < ours[dp]["speedup_vs_hf_strong"] for dp in ours)
+    assert all(r["allreduce_s"] > 0 and r["tokens_per_s_per_gpu"] > 0 for r in slow.values())

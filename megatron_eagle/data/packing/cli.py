@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--lengths", metavar="FILE", help="text file: one `length [tiles]` per line")
     src.add_argument("--synthetic", type=int, metavar="N", help="N samples of the realistic mixed distribution")
     src.add_argument("--curriculum", metavar="YAML", help="plan one stage of a curriculum (with --stage, --world-size)")
+    src.add_argument("--memory", metavar="PRESET", help="print the per-rank memory breakdown of a model preset "
+                     "at --seq-len on --tp/--cp/--pp/--dp (training/memory.py); no plan is written")
+    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory for --memory (default: an H100 80GB)")
     p.add_argument("--stage", help="stage name (with --curriculum)")
     p.add_argument("--world-size", type=int, help="GPUs (with --curriculum); DP = world / (tp*pp*cp)")
     p.add_argument("--seq-len", type=int, help="max tokens per pack, L")
@@ -49,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes running ADS over --data indexes (default: the CPUs, at most 16)")
     p.add_argument("--compare", action="store_true", help="also run the other packer and print both")
-    p.add_argument("--out", required=True, help="plan.json to write")
+    p.add_argument("--out", help="plan.json to write (required unless --memory)")
 
 
 def _input_table(args: argparse.Namespace) -> tuple[SampleTable, Counter]:
@@ -123,6 +126,13 @@ def _index_within(dataset):
 def run(args: argparse.Namespace) -> int:
     from megatron_eagle.data.packing.plan import format_table
 
+    if args.memory:
+        from megatron_eagle.training.memory import plan_memory_command
+
+        return plan_memory_command(args)
+    if not args.out:
+        print("error: --out: missing; give the plan.json to write", file=sys.stderr)
+        return 2
     try:
         plan = _plan(args, args.packer)
         plans = [plan]
