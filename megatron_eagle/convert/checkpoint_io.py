@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig, ParallelConfig, from_dict
-from megatron_eagle.pixels import IMAGE_MEAN, IMAGE_STD
 
 
 def _model_config(meta: dict) -> ModelConfig:
@@ -41,16 +40,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) -> None:
-    """Tiling and normalisation parameters the model was trained with (Eagle 2.5 processor keys)."""
-    proc = {
-        "processor_class": "Eagle2_5_VLProcessor", "image_processor_type": "Eagle2_5_VLImageProcessor",
-        "tile_size": cfg.vision.image_size, "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
-        "max_dynamic_tiles": max_tiles, "min_dynamic_tiles": 1, "use_thumbnail": True,
-        "tiling_method": "image_area_preservation", "tokens_per_tile": cfg.tokens_per_tile,
-        "downsample_ratio": cfg.downsample_ratio, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
-        "video_fps": 2.0, "video_frame_tiles": 1,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    """The image processor's settings (the released model's keys, our tiling and normalisation)."""
+    from megatron_eagle.convert.hf_export.config import hf_preprocessor_config
+
+    (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg, max_tiles), indent=2) + "\n")
 
 
 def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
+from megatron_eagle.convert.hf_export.config import hf_config
 from megatron_eagle.convert.sharding import iter_full_parameters, load_full_parameters
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
@@ -189,7 +190,7 @@ def export_model_to_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_di
                 raise ValueError(f"tokenizer's <IMG_CONTEXT> id {ids['img_context']} != model image_token_id "
                                  f"{cfg.image_token_id}")
             eos = ids["eos"]
-        hf_io.write_json(out / "config.json", hf_mapping.hf_config(cfg, str(stored).replace("torch.", ""), eos))
+        hf_io.write_json(out / "config.json", hf_config(cfg, str(stored).replace("torch.", ""), eos))
         missing = set(hf_mapping.expected_hf_names(cfg)) - set(index["weight_map"])
         if missing:
             raise RuntimeError(f"export is missing {len(missing)} tensors, e.g. {sorted(missing)[:5]}")

@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
+from megatron_eagle.convert.hf_export import config as hf_export_config
 
 
 def pixel_shuffle_internvl(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -37,9 +38,9 @@ class EagleHFReference(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-        vcfg = SiglipVisionConfig(**{k: v for k, v in hf_mapping.hf_vision_config(cfg).items()
+        vcfg = SiglipVisionConfig(**{k: v for k, v in hf_export_config.hf_vision_config(cfg).items()
                                      if k not in ("model_type", "architectures")})
-        tcfg = Qwen2Config(**{k: v for k, v in hf_mapping.hf_text_config(cfg).items()
+        tcfg = Qwen2Config(**{k: v for k, v in hf_export_config.hf_text_config(cfg).items()
                               if k not in ("model_type", "architectures")})
         for c in (vcfg, tcfg):
             c._attn_implementation = attn_implementation
@@ -145,5 +146,5 @@ def make_random_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tokenizer_d
     if tok is not None:
         from megatron_eagle.tokenizer import special_token_ids
         eos = special_token_ids(tok)["eos"]
-    hf_io.write_json(out / "config.json", hf_mapping.hf_config(cfg, str(dtype).replace("torch.", ""), eos))
+    hf_io.write_json(out / "config.json", hf_export_config.hf_config(cfg, str(dtype).replace("torch.", ""), eos))
     return out
