@@ -20,6 +20,7 @@ from torch import nn
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
 from megatron_eagle.convert.hf_export import config as hf_export_config
+from megatron_eagle.convert.hf_export.writer import write_processor_files
 
 
 def pixel_shuffle_internvl(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -142,9 +143,10 @@ def make_random_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tokenizer_d
     for name in hf_mapping.expected_hf_names(cfg):
         writer.add(name, state[name])
     hf_io.finalize_shards(out, [writer.close()])
-    eos = None
+    eos = pad = None
     if tok is not None:
         from megatron_eagle.tokenizer import special_token_ids
-        eos = special_token_ids(tok)["eos"]
+        eos, pad = special_token_ids(tok)["eos"], tok.pad_token_id
     hf_io.write_json(out / "config.json", hf_export_config.hf_config(cfg, str(dtype).replace("torch.", ""), eos))
+    write_processor_files(out, cfg, eos, pad)
     return out
