@@ -47,8 +47,16 @@ def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) 
 
 
 def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
-                     max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1) -> Path:
-    """Export a training checkpoint to an HF Eagle 2.5 dir (every rank calls it)."""
+                     max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
+                     max_tiles: int = 12) -> Path:
+    """Export a training checkpoint to a self-contained HF Eagle 2.5 dir (every rank calls it).
+
+    Everything is written into a temporary sibling that replaces ``out_dir`` only once complete,
+    so a failure leaves no half-written directory behind.
+    """
+    import shutil
+
+    from megatron_eagle.convert.hf_export.writer import partial_dir, publish, write_processor_files
     from megatron_eagle.convert.load import export_model_to_hf, init_process_groups
     from megatron_eagle.models.eagle import build_model
     from megatron_eagle.training.checkpoint import load_checkpoint, read_meta
@@ -56,14 +64,39 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     cfg = _model_config(meta)
-    init_process_groups(tp, pp)
-    model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
-    load_checkpoint(path, [model], None, load_optimizer=False)
     tok = tokenizer_dir or meta.get("tokenizer")
-    export_model_to_hf(model, out_dir, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
-    if dist.get_rank() == 0:
-        write_preprocessor_config(Path(out_dir), cfg)
+    if tok is None:
+        raise ValueError(f"{path}/meta.json names no tokenizer: pass --tokenizer DIR")
+    init_process_groups(tp, pp)
+    rank0 = dist.get_rank() == 0
+    tmp = partial_dir(out_dir)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     dist.barrier()
+    failed = torch.zeros(1)
+    try:
+        model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
+        load_checkpoint(path, [model], None, load_optimizer=False)
+        export_model_to_hf(model, tmp, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
+        if rank0:
+            from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
+
+            t = load_tokenizer(tmp)
+            write_processor_files(tmp, cfg, special_token_ids(t)["eos"], t.pad_token_id, max_tiles)
+    except BaseException:
+        failed.fill_(1)
+        raise
+    finally:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(failed)
+        if rank0:
+            if failed.item():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                publish(tmp, out_dir)
+        if dist.get_world_size() > 1 and not failed.item():
+            dist.barrier()
     return Path(out_dir)
 
 
