@@ -108,7 +108,7 @@ class Eagle2_5_VLForConditionalGeneration(Eagle2_5_VLPreTrainedModel, Generation
             vit = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
         n, p, c = vit.shape
         g = int(round(p ** 0.5))
-        vit = pixel_shuffle(vit.reshape(n, g, g, c), self.downsample_ratio)
+        vit = pixel_shuffle(vit.reshape(n, g, g, c).contiguous(), self.downsample_ratio)
         return self.mlp1(vit.reshape(n, -1, vit.shape[-1]))
 
     def embed_inputs(self, input_ids, pixel_values=None):
@@ -130,9 +130,10 @@ class Eagle2_5_VLForConditionalGeneration(Eagle2_5_VLPreTrainedModel, Generation
                 **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if past_key_values is not None:  # passed only when given: newer transformers rename it
+            kwargs["past_key_values"] = past_key_values
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values, labels=labels,
-                                   use_cache=use_cache, **kwargs)
+                                   position_ids=position_ids, labels=labels, use_cache=use_cache, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generate_kwargs):
