@@ -84,6 +84,9 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
 
             t = load_tokenizer(tmp)
             write_processor_files(tmp, cfg, special_token_ids(t)["eos"], t.pad_token_id, max_tiles)
+            conf = json.loads((tmp / "config.json").read_text())
+            conf["max_dynamic_tiles"] = conf["max_dynamic_patch"] = max_tiles
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     except BaseException:
         failed.fill_(1)
         raise
