@@ -146,7 +146,8 @@ def _tiny_corpus() -> Iterable[str]:
 
 
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 480) -> Path:
-    """Train a small byte-level BPE tokenizer locally (no hub) and save it as an HF dir.
+    """Train a small byte-level BPE tokenizer locally (no hub) and save it as an HF dir
+    (``vocab_size`` trained ids, then Eagle's 8 box/quad/ref/interval tags).
 
     Deterministic: the same call writes the same files. The tokenizer has ChatML
     special tokens and the Eagle image tokens, so it behaves like Qwen2's.
@@ -159,14 +160,17 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 480) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    # the image tokens keep ids 3, 4, 5 (<IMG_CONTEXT> = 5, the ModelConfig default)
+    # The BPE is trained with the image tokens at ids 3, 4, 5 (<IMG_CONTEXT> = 5, the ModelConfig
+    # default); Eagle's other tags are appended after the trained vocabulary.
     image = [IMG_START, IMG_END, IMG_CONTEXT]
-    specials = [ENDOFTEXT, IM_START, IM_END, *image, *(t for t in EAGLE_SPECIAL_TOKENS if t not in image)]
+    specials = [ENDOFTEXT, IM_START, IM_END, *image]
+    tags = [t for t in EAGLE_SPECIAL_TOKENS if t not in image]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(list(_tiny_corpus()), trainer=trainer)
+    tk.add_special_tokens(tags)
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                   additional_special_tokens=[IM_START, *specials[3:]])
+                                   additional_special_tokens=[IM_START, *image, *tags])
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(out))
     return out

@@ -150,3 +150,49 @@ def test_export_is_self_contained_and_names_the_tokenizer_ids(exported):
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert tc["tokenizer_class"] == "Qwen2Tokenizer" and "extra_special_tokens" not in tc
     assert not any(p.name.startswith(".") for p in out.parent.iterdir() if p.name.startswith(".export"))
+
+
+def test_qwen3_text_and_select_layer_export_on_both_transformers(tmp_path):
+    """A random Eagle dir with a Qwen3 LLM (q/k norm, no qkv bias, head_dim 32), ViT features from
+    layer -2, and the real Qwen3 tokenizer: transformers 5.x and 4.51 give the reference's logits."""
+    from safetensors.torch import save_file
+
+    from megatron_eagle.config import preset_model_config
+    from megatron_eagle.convert import hf_io
+    from megatron_eagle.convert.hf_export.config import hf_config
+    from megatron_eagle.convert.hf_export.writer import write_processor_files
+    from megatron_eagle.convert.reference import EagleHFReference
+    from megatron_eagle.tokenizer import special_token_ids
+    from tests.tf451_env import ensure_tf451_venv
+
+    out = tmp_path / "qwen3-eagle"
+    tok = hf_io.save_tokenizer(unpack_tokenizer("qwen3_tokenizer", tmp_path / "tok"), out)
+    cfg = preset_model_config("tiny")
+    cfg.llm.vocab_size, cfg.image_token_id = len(tok), special_token_ids(tok)["img_context"]
+    cfg.llm.family, cfg.llm.qk_layernorm, cfg.llm.qkv_bias, cfg.llm.head_dim = "qwen3", True, False, 32
+    cfg.vision.select_layer = -2
+    torch.manual_seed(0)
+    ref = EagleHFReference(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, "float32", special_token_ids(tok)["eos"])))
+    write_processor_files(out, cfg, special_token_ids(tok)["eos"], tok.pad_token_id)
+    ids = torch.tensor([151644, 872, 198, 151670] + [cfg.image_token_id] * 16 + [151671, 100, 151645])
+    pixels = torch.randn(1, 3, 112, 112)
+    want = ref.sample_logits(ids, pixels)
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"input_ids": ids, "pixel_values": pixels, "max_new_tokens": 3}, inputs)
+    pythons = {"tf5": sys.executable}
+    try:
+        pythons["tf451"] = str(ensure_tf451_venv())
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pass
+    for tag, python in pythons.items():
+        res = _check(python, {"root": tmp_path, "out": out, "inputs": inputs}, tag)
+        assert (res["logits"] - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), tag
+        assert res["slow_ids"] == res["fast_ids"] and res["fast_len"] == len(tok) == 151680, tag
+    if "tf451" not in pythons:
+        pytest.skip("cannot build the transformers 4.51 virtualenv")

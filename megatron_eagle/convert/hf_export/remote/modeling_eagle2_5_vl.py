@@ -108,8 +108,11 @@ class Eagle2_5_VLForConditionalGeneration(Eagle2_5_VLPreTrainedModel, Generation
             vit = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
         n, p, c = vit.shape
         g = int(round(p ** 0.5))
-        vit = pixel_shuffle(vit.reshape(n, g, g, c).contiguous(), self.downsample_ratio)
+        vit = self.pixel_shuffle(vit.reshape(n, g, g, c).contiguous(), self.downsample_ratio)
         return self.mlp1(vit.reshape(n, -1, vit.shape[-1]))
+
+    def pixel_shuffle(self, x, scale_factor=0.5):
+        return pixel_shuffle(x, scale_factor)
 
     def embed_inputs(self, input_ids, pixel_values=None):
         """Token embeddings with the visual tokens written into the <IMG_CONTEXT> slots."""
