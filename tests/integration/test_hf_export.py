@@ -59,11 +59,11 @@ def exported(request, tmp_path_factory):
     cfg = preset_model_config("tiny")
     cfg.llm.vocab_size = vocab
     hf = make_random_hf_checkpoint(root / "hf-init", cfg, tok_dir)
-    jsonl = make_synthetic_dataset(root / "raw", num_samples=16, seed=0)
+    jsonl = make_synthetic_dataset(root / "raw", num_samples=8, seed=0)
     shards = root / "shards"
     run_cli(["prepare", "--input", str(jsonl), "--media-root", str(root / "raw" / "media"), "--output", str(shards),
              "--tokenizer", str(hf), "--workers", "1", "--no-progress"])
-    stage = {"name": "sft", "seq_len": 1024, "trainable": ["vision", "connector", "llm"], "steps": 2}
+    stage = {"name": "sft", "seq_len": 512, "trainable": ["vision", "connector", "llm"], "steps": 2}
     run = write_run(root / "run", {"hf": hf, "shards": shards}, [stage])
     data = yaml.safe_load(run.read_text())
     data["model"]["llm"] = {"vocab_size": vocab}
