@@ -27,11 +27,25 @@ def venv_python() -> Path:
     return venv_dir() / "bin" / "python"
 
 
+def _stamp() -> str:
+    return " ".join(PINS) + " on " + sysconfig.get_paths()["purelib"] + "\n"
+
+
 def ensure_tf451_venv(timeout: float = 900) -> Path:
-    """Build the venv if it is not there yet (raises CalledProcessError if pip cannot install)."""
+    """Build the venv unless it is there for these pins and this interpreter (raises CalledProcessError
+    if pip cannot install). A file lock keeps parallel test processes from building it twice."""
+    import fcntl
+
     d = venv_dir()
-    if (d / READY).exists():
-        return venv_python()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f"{d.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (d / READY).exists() and (d / READY).read_text() == _stamp():
+            return venv_python()
+        return _build(d, timeout)
+
+
+def _build(d: Path, timeout: float) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(d)], check=True, timeout=timeout)
     py = venv_python()
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *PINS],
@@ -39,7 +53,7 @@ def ensure_tf451_venv(timeout: float = 900) -> Path:
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     (Path(site) / "zz_main_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    (d / READY).write_text(" ".join(PINS) + "\n")
+    (d / READY).write_text(_stamp())
     return py
 
 

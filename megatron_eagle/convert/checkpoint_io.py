@@ -46,6 +46,20 @@ def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) 
     (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg, max_tiles), indent=2) + "\n")
 
 
+def check_tokenizer_fits(tokenizer_dir: str | Path, cfg: ModelConfig) -> None:
+    """The tokenizer an export ships must index the model's vocabulary and name its <IMG_CONTEXT> id."""
+    from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
+
+    tok = load_tokenizer(tokenizer_dir)
+    if len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tok)} ids but the checkpoint's model.llm.vocab_size "
+                         f"is {cfg.llm.vocab_size}; pass the tokenizer the run trained with (--tokenizer)")
+    img = special_token_ids(tok)["img_context"]
+    if img != cfg.image_token_id:
+        raise ValueError(f"{tokenizer_dir}: <IMG_CONTEXT> is id {img} but the checkpoint's model.image_token_id is "
+                         f"{cfg.image_token_id}; pass the tokenizer the run trained with (--tokenizer)")
+
+
 def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
                      max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
                      max_tiles: int = 12) -> Path:
@@ -67,6 +81,7 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
     tok = tokenizer_dir or meta.get("tokenizer")
     if tok is None:
         raise ValueError(f"{path}/meta.json names no tokenizer: pass --tokenizer DIR")
+    check_tokenizer_fits(tok, cfg)
     init_process_groups(tp, pp)
     rank0 = dist.get_rank() == 0
     tmp = partial_dir(out_dir)
