@@ -6,6 +6,7 @@ greedy tokens, and its tokenizer gives the same ids fast and slow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,22 @@ def exported(request, tmp_path_factory):
     torch.save({"input_ids": ids, "pixel_values": pixels, "max_new_tokens": MAX_NEW, "image": image,
                 "video": video}, inputs)
     return {"name": request.param, "out": out, "root": root, "inputs": inputs, "ours": ours,
-            "generated": gen["generated_ids"], "vocab": vocab, "tokenizer": load_tokenizer(out)}
+            "generated": gen["generated_ids"], "vocab": vocab, "tokenizer": load_tokenizer(out),
+            "run": run_dir(run)}
+
+
+def _failing_export_worker(rank, world, run, out):
+    import megatron_eagle.convert.hf_export.writer as writer
+    from megatron_eagle.convert.checkpoint_io import checkpoint_to_hf
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+    writer.write_processor_files = fail
+    try:
+        checkpoint_to_hf(run, out)
+    except OSError as e:
+        return str(e)
+    return "no error"
 
 
 def _check(python: str, exported: dict, tag: str) -> dict:
@@ -196,3 +212,21 @@ def test_qwen3_text_and_select_layer_export_on_both_transformers(tmp_path):
         assert res["slow_ids"] == res["fast_ids"] and res["fast_len"] == len(tok) == 151680, tag
     if "tf451" not in pythons:
         pytest.skip("cannot build the transformers 4.51 virtualenv")
+
+
+def test_failed_or_mismatched_export_leaves_the_old_directory(exported, tmp_path):
+    if exported["name"] != "qwen2_5_tokenizer":
+        pytest.skip("one tokenizer is enough")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    assert run_distributed(_failing_export_worker, 1, str(exported["run"]), str(out))[0] == "disk full"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (out / "keep.txt").exists()
+    from megatron_eagle.tokenizer import build_tiny_tokenizer
+
+    tiny = build_tiny_tokenizer(tmp_path / "tiny")  # 488 ids, <IMG_CONTEXT> = 5: not the run's tokenizer
+    r = subprocess.run([sys.executable, "-m", "megatron_eagle.cli", "convert", "to-hf", "--ckpt", str(exported["run"]),
+                        "--out", str(out), "--tokenizer", str(tiny)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0 and "model.image_token_id" in r.stderr and str(tiny) in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
