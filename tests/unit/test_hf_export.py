@@ -7,13 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_eagle.config import preset_model_config
-from megatron_eagle.convert.hf_export.config import AUTO_MAP, hf_config, hf_preprocessor_config
+from megatron_eagle.convert.hf_export.config import hf_config, hf_preprocessor_config
 from megatron_eagle.convert.hf_export.writer import REMOTE_DIR, REMOTE_FILES, atomic_dir, write_remote_code
 from tests.hf_fixtures import tiny_checkpoint
 
