@@ -70,7 +70,8 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
     """
     import shutil
 
-    from megatron_eagle.convert.hf_export.writer import partial_dir, publish, write_processor_files
+    from megatron_eagle.convert.hf_export.config import DEFAULT_MAX_TILES
+    from megatron_eagle.convert.hf_export.writer import partial_dir, publish
     from megatron_eagle.convert.load import export_model_to_hf, init_process_groups
     from megatron_eagle.models.eagle import build_model
     from megatron_eagle.training.checkpoint import load_checkpoint, read_meta
@@ -94,11 +95,8 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
         model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
         load_checkpoint(path, [model], None, load_optimizer=False)
         export_model_to_hf(model, tmp, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
-        if rank0:
-            from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
-
-            t = load_tokenizer(tmp)
-            write_processor_files(tmp, cfg, special_token_ids(t)["eos"], t.pad_token_id, max_tiles)
+        if rank0 and max_tiles != DEFAULT_MAX_TILES:
+            write_preprocessor_config(tmp, cfg, max_tiles)
             conf = json.loads((tmp / "config.json").read_text())
             conf["max_dynamic_tiles"] = conf["max_dynamic_patch"] = max_tiles
             (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")

@@ -89,12 +89,12 @@ def exported(request, tmp_path_factory):
 
 
 def _failing_export_worker(rank, world, run, out):
-    import megatron_eagle.convert.hf_export.writer as writer
+    import megatron_eagle.convert.load as load
     from megatron_eagle.convert.checkpoint_io import checkpoint_to_hf
 
-    def fail(*a, **k):
+    def fail(*a, **k):  # the last file of the export cannot be written
         raise OSError("disk full")
-    writer.write_processor_files = fail
+    load.write_processor_files = fail
     try:
         checkpoint_to_hf(run, out)
     except OSError as e:
