@@ -51,8 +51,10 @@ def build_loader_dataset(root: str | Path, n: int = 60, long_text: bool = True) 
         rows.append({"id": "long", "conversations": conv(" ".join(WORDS * 60), "no")})
     src = write_jsonl(root / "data.jsonl", rows)
     out = root / "prepared"
+    # frame-times: the pack layouts these tests pick their cases from (eagle2.5 data is loaded in test_data_recipe)
     prepare(PrepareConfig(inputs=[str(src)], media_root=str(media), output=str(out),
-                          tokenizer=str(tiny_tokenizer_dir()), shard_size=60_000, workers=1, progress=False))
+                          tokenizer=str(tiny_tokenizer_dir()), shard_size=60_000, workers=1, progress=False,
+                          prompt_format="frame-times"))
     return {"root": root, "prepared": out, "n": len(rows)}
 
 

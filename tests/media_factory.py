@@ -138,7 +138,7 @@ def build_dataset(root: str | Path) -> dict[str, Any]:
         {"id": "b2", "conversations": "nope"},
         {"id": "b3", "image": "img/link_out.jpg", "conversations": conv()},
         {"id": "b4", "video": "vid/empty.mp4", "conversations": conv("<video>", "Nothing.")},
-        {"id": "b5", "image": "/etc/hostname", "conversations": conv()},
+        {"id": "b5", "image": "/etc/hostname.jpg", "conversations": conv()},
         {"id": "b6", "conversations": [{"from": "human", "value": "Say <img> please"}, {"from": "gpt", "value": "no"}]},
         {"id": "b7", "image": "img/rot.jpg", "conversations": conv("<image>\nDescribe the picture.", "A gradient.")},
         {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2+2?"},

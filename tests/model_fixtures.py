@@ -8,8 +8,8 @@ from megatron_eagle.batch import IGNORE_INDEX, pack_samples
 from megatron_eagle.config import ParallelConfig, preset_model_config
 
 
-def tiny_model_config(tie: bool = False):
-    cfg = preset_model_config("tiny")
+def tiny_model_config(tie: bool = False, preset: str = "tiny"):
+    cfg = preset_model_config(preset)
     cfg.llm.tie_embeddings = tie
     return cfg
 

@@ -16,6 +16,10 @@ Example (see ``examples/eagle2.5-8b/curriculum.yaml`` for the paper's five stage
         samples: 9200000               # or steps: N, or tokens: N
         parallel: {tp: 1, pp: 1, cp: 1}
 
+A dataset entry may instead name a recipe index written by ``megatron-eagle prepare --recipe``:
+``{name: sft, recipe: data/sft/recipe.json}`` stands for every dataset of the recipe, each with
+``repeat: repeat_time`` (times the entry's own ``repeat``, default 1), named ``sft/<dataset>``.
+
 Stage length is one of ``steps``, ``tokens`` or ``samples``. With ``repeat`` the length follows
 from the data (each dataset ``repeat`` times, fractional repeats take a seeded subset) and must
 not be given. DP follows from the world size: ``dp = world / (tp*pp*cp)``, and the packs of one
@@ -48,6 +52,11 @@ class DatasetRef:
     path: Optional[str] = None
     weight: Optional[float] = None  # share of the stage's samples (normalised over the stage)
     repeat: Optional[float] = None  # passes over the dataset (2.5 = twice plus a seeded half)
+    recipe: Optional[str] = None  # a recipe index (prepare --recipe); expands to its datasets
+
+
+RECIPE_INDEX = "recipe.json"
+RECIPE_FORMAT = "megatron-eagle recipe 1"
 
 
 @dataclass
@@ -173,10 +182,52 @@ def check_curriculum(cur: Curriculum, model: Optional[ModelConfig] = None, world
                      packs_per_step=s.packs_per_step)
 
 
+def _recipe_datasets(ref: DatasetRef, where: str, base_dir: Path) -> list[DatasetRef]:
+    """The datasets of the recipe index ``ref.recipe`` (relative to ``base_dir``) as stage entries."""
+    import json
+    import os
+
+    if ref.weight is not None or ref.path:
+        raise ConfigError(where, "a `recipe` entry takes its datasets and repeat_time from the recipe index",
+                          "drop `path`/`weight`; scale every repeat_time with `repeat` if needed")
+    p = Path(ref.recipe)
+    full = p if p.is_absolute() else base_dir / p
+    if full.is_dir():
+        full, p = full / RECIPE_INDEX, p / RECIPE_INDEX
+    try:
+        index = json.loads(full.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}.recipe", f"cannot read {full} ({type(e).__name__})",
+                          "run `megatron-eagle prepare --recipe RECIPE.json --output DIR` and name DIR/recipe.json")
+    if not isinstance(index, dict) or index.get("format") != RECIPE_FORMAT:
+        raise ConfigError(f"{where}.recipe", f"{full} is not a recipe index",
+                          "name the recipe.json that `megatron-eagle prepare --recipe` wrote, not the input recipe")
+    scale = 1.0 if ref.repeat is None else ref.repeat
+    out = []
+    for e in index["datasets"]:
+        path = e["path"] if os.path.isabs(e["path"]) else str(p.parent / e["path"])
+        out.append(DatasetRef(name=f"{ref.name}/{e['name']}", path=path, repeat=float(e["repeat_time"]) * scale))
+    return out
+
+
+def expand_recipes(cur: Curriculum, base_dir: str | Path = ".") -> None:
+    """Replace every stage's ``recipe`` entries by the recipe's datasets (in place)."""
+    for i, s in enumerate(cur.stages):
+        if not any(d.recipe for d in s.datasets):
+            continue
+        out: list[DatasetRef] = []
+        for d in s.datasets:
+            out += _recipe_datasets(d, f"stages[{s.name or i}].datasets[{d.name}]", Path(base_dir)) \
+                if d.recipe else [d]
+        s.datasets = out
+
+
 def load_curriculum(path: str | Path, world_size: Optional[int] = None, model: Optional[ModelConfig] = None,
                     only: Optional[str] = None) -> Curriculum:
-    """Parse and check a curriculum YAML (see :func:`check_curriculum`)."""
+    """Parse and check a curriculum YAML (see :func:`check_curriculum`); recipe entries are expanded
+    relative to the YAML's folder."""
     data = read_yaml(path, "write `model:`, `seed:` and `stages:` keys")
     cur = from_dict(Curriculum, data)
+    expand_recipes(cur, Path(path).parent)
     check_curriculum(cur, model, world_size, only)
     return cur

@@ -87,14 +87,15 @@ def _check_model_fits(m: ModelConfig, p: ParallelConfig) -> None:
         if value % div:
             raise ConfigError(fname, f"{value} is not divisible by parallel.tp={div}",
                               f"choose parallel.tp from {[d for d in range(1, value + 1) if value % d == 0 and d <= 8]}")
+    m.vision.layers_used  # raises ConfigError naming model.vision.select_layer
+    if m.llm.family == "qwen3" and not m.llm.qk_layernorm:
+        raise ConfigError("model.llm.qk_layernorm", "Qwen3 normalises each query and key head",
+                          "set model.llm.qk_layernorm=true")
     if m.llm.num_heads % m.llm.num_kv_heads:
         raise ConfigError("model.llm.num_kv_heads", "does not divide num_heads", "use a divisor of num_heads")
     if m.llm.num_layers % p.pp:
         raise ConfigError("model.llm.num_layers", f"{m.llm.num_layers} layers not divisible by parallel.pp={p.pp}",
                           f"choose parallel.pp from {[d for d in range(1, m.llm.num_layers + 1) if m.llm.num_layers % d == 0]}")
-    if m.llm.vocab_size % p.tp:
-        raise ConfigError("model.llm.vocab_size", f"not divisible by parallel.tp={p.tp}",
-                          "pad the vocabulary to a multiple of tp")
     if p.cp > 1:
         ulysses_degree(p, m.llm.num_heads)  # raises ConfigError naming the fix
     if p.sp and p.tp == 1:

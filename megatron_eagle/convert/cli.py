@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fh = sub.add_parser("from-hf", help="HF dir(s) -> a checkpoint that `train` can start from")
     fh.add_argument("--hf", default=None, help="Eagle 2.5 HF dir")
     fh.add_argument("--vision", default=None, help="SigLIP HF dir (with --llm)")
-    fh.add_argument("--llm", default=None, help="Qwen2.5 HF dir (with --vision)")
+    fh.add_argument("--llm", default=None, help="Qwen2.5 or Qwen3 HF dir (with --vision)")
     fh.add_argument("--out", required=True, help="checkpoint root to write (iter_0000000 + latest)")
     fh.add_argument("--tp", type=int, default=1)
     fh.add_argument("--pp", type=int, default=1)
@@ -118,8 +118,7 @@ def run_verify(args) -> int:
 
     from megatron_eagle.config import ParallelConfig
     from megatron_eagle.convert.load import build_model_from_hf, init_process_groups
-    from megatron_eagle.convert.reference import EagleHFReference
-    from megatron_eagle.convert.verify import verify
+    from megatron_eagle.convert.verify import TransformersReference, verify
     from megatron_eagle.runtime.distributed import shutdown
 
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 parity check: no TF32 on GPU
@@ -128,7 +127,7 @@ def run_verify(args) -> int:
     try:
         model, report = build_model_from_hf(args.hf, ParallelConfig(tp=args.tp, pp=args.pp))
         reporter = dist.get_rank() == dist.get_world_size() - 1  # on the last pipeline stage
-        ref = EagleHFReference.from_pretrained(args.hf) if reporter else None
+        ref = TransformersReference.from_pretrained(args.hf) if reporter else None
         results = verify(model, ref, model.model_cfg, args.seed, reporter)
         ok = True
         if reporter:

@@ -1,9 +1,15 @@
 """Pure mapping between the published Eagle 2.5 HF layout and our full parameter layout.
 
 HF side (``Eagle2_5_VLForConditionalGeneration`` state dict):
-- ``vision_model.vision_model.*``: a ``SiglipVisionModel`` (no pooling head);
+- ``vision_model.vision_model.*``: a ``SiglipVisionModel`` (no pooling head): SigLIP, or a
+  fixed-resolution SigLIP2, which has the same layout;
 - ``mlp1.{0,1,3}.*``: LayerNorm(4C), Linear(4C, H), [GELU], Linear(H, H);
-- ``language_model.model.*`` and ``language_model.lm_head.weight``: a ``Qwen2ForCausalLM``.
+- ``language_model.model.*`` and ``language_model.lm_head.weight``: a ``Qwen2ForCausalLM`` or a
+  ``Qwen3ForCausalLM`` (no qkv bias, ``self_attn.{q,k}_norm``).
+
+The vocabulary tensors are padded in our model (TP); export strips the padding to the true
+``vocab_size``. With ``select_layer`` != -1 the ViT layers after the selected one and the
+post-layernorm are not part of our model: import skips them, export does not write them.
 
 Our side is the "full layout" of :mod:`megatron_eagle.convert.sharding`: our parameter
 names with global layer indices, unsharded. Megatron fuses q/k/v into ``linear_qkv``
@@ -94,6 +100,8 @@ _VIT_SIMPLE = {
 }
 _LLM_SIMPLE = {
     "input_layernorm": "input_layernorm",
+    "self_attention.q_layernorm": "self_attn.q_norm",
+    "self_attention.k_layernorm": "self_attn.k_norm",
     "pre_mlp_layernorm": "post_attention_layernorm",
     "self_attention.linear_proj": "self_attn.o_proj",
     "mlp.linear_fc2": "mlp.down_proj",
@@ -173,10 +181,15 @@ def from_hf(name: str, cfg: ModelConfig, get: Callable[[str], Optional[torch.Ten
     return rule.fuse(*parts) if rule.fuse else parts[0]
 
 
+VOCAB_TENSORS = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
+
+
 def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs for our full tensor ``name``."""
+    """HF (name, tensor) pairs for our full tensor ``name`` (vocabulary padding stripped)."""
     if name == "language_model.output_layer.weight" and cfg.llm.tie_embeddings:
         return  # tied: HF keeps only embed_tokens
+    if name in VOCAB_TENSORS:
+        tensor = tensor[: cfg.llm.vocab_size]
     rule = rule_for(name, cfg)
     pieces = rule.split(tensor) if rule.split else (tensor,)
     yield from zip(rule.hf_names, pieces)
@@ -187,12 +200,13 @@ def our_full_names(cfg: ModelConfig) -> Iterator[str]:
     v, l = cfg.vision, cfg.llm
     yield from ("vision_model.patch_embedding.weight", "vision_model.patch_embedding.bias",
                 "vision_model.position_embedding.weight")
-    for i in range(v.num_layers):
+    for i in range(v.layers_used):
         for mod in ("input_layernorm", "self_attention.linear_proj", "self_attention.linear_qkv",
                     "pre_mlp_layernorm", "mlp.linear_fc1", "mlp.linear_fc2"):
             for p in ("weight", "bias"):
                 yield f"vision_model.encoder.layers.{i}.{mod}.{p}"
-    yield from ("vision_model.encoder.final_layernorm.weight", "vision_model.encoder.final_layernorm.bias")
+    if v.post_layernorm:
+        yield from ("vision_model.encoder.final_layernorm.weight", "vision_model.encoder.final_layernorm.bias")
     yield from (f"connector.{m}.{p}" for m in ("norm", "fc1", "fc2") for p in ("weight", "bias"))
     yield "language_model.embedding.word_embeddings.weight"
     for i in range(l.num_layers):
@@ -201,6 +215,8 @@ def our_full_names(cfg: ModelConfig) -> Iterator[str]:
                     pre + "self_attention.linear_qkv.weight")
         if l.qkv_bias:
             yield pre + "self_attention.linear_qkv.bias"
+        if l.qk_layernorm:
+            yield from (pre + "self_attention.q_layernorm.weight", pre + "self_attention.k_layernorm.weight")
         yield from (pre + "pre_mlp_layernorm.weight", pre + "mlp.linear_fc1.weight", pre + "mlp.linear_fc2.weight")
     yield "language_model.decoder.final_layernorm.weight"
     if not l.tie_embeddings:
@@ -217,6 +233,21 @@ def is_ignored_hf(name: str) -> bool:
     return any(p.search(name) for p in IGNORED_HF)
 
 
+_HF_VIT_LAYER = re.compile(r"^vision_model\.vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def is_skipped_hf(name: str, cfg: ModelConfig) -> bool:
+    """HF tensors our model deliberately leaves out: with ``select_layer`` != -1 the ViT layers after
+    the selected one and the post-layernorm (they feed nothing)."""
+    v = cfg.vision
+    if v.post_layernorm:
+        return False
+    if name.startswith(HF_VISION + "post_layernorm."):
+        return True
+    m = _HF_VIT_LAYER.match(name)
+    return bool(m) and int(m.group(1)) >= v.layers_used
+
+
 # ----------------------------------------------------------------------------- config.json
 
 # transformers' defaults for keys that saved configs may omit (they save only non-defaults).
@@ -226,105 +257,175 @@ _SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_laye
 _QWEN2_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                       tie_word_embeddings=False)
+                       tie_word_embeddings=False, head_dim=None)
+_QWEN3_DEFAULTS = dict(_QWEN2_DEFAULTS, head_dim=128)
+# The official Eagle2_5_VLConfig's default when a config.json omits select_layer.
+OFFICIAL_SELECT_LAYER = -4
 
 
 class HFConfigError(ValueError):
-    pass
+    """A config.json we cannot convert: names the file (when known), the field and the reason."""
+
+    def __init__(self, problem: str, field: Optional[str] = None, source: Optional[str] = None):
+        self.problem, self.field, self.source = problem, field, source
+        where = ": ".join(x for x in (source, field) if x)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+    def located(self, source: str, prefix: str = "") -> "HFConfigError":
+        """The same error, named with its file and the field's path inside it."""
+        field = f"{prefix}{self.field}" if self.field else prefix.rstrip(".") or None
+        return HFConfigError(self.problem, field, self.source or source)
 
 
 def _get(d: dict, key: str, defaults: dict) -> Any:
     return d[key] if d.get(key) is not None else defaults[key]
 
 
-def vision_config_from_hf(d: dict) -> VisionConfig:
-    """Our VisionConfig from a SigLIP vision config dict (``siglip_vision_model``)."""
-    if d.get("model_type") not in (None, "siglip_vision_model", "siglip2_vision_model"):
-        raise HFConfigError(f"vision model_type {d.get('model_type')!r} is not SigLIP")
-    if d.get("model_type") == "siglip2_vision_model" or d.get("num_patches") is not None:
-        raise HFConfigError("SigLIP2 (NaFlex) vision towers are not supported; use a fixed-resolution SigLIP")
+def vision_config_from_hf(d: dict, select_layer: int = -1) -> VisionConfig:
+    """Our VisionConfig from a SigLIP / fixed-resolution SigLIP2 vision config dict
+    (``siglip_vision_model``). NaFlex SigLIP2 (``siglip2_vision_model``) is refused."""
+    kind = d.get("model_type")
+    if kind == "siglip2_vision_model" or d.get("num_patches") is not None:
+        raise HFConfigError(f"{kind or 'a config with num_patches'} is NaFlex SigLIP2 (variable resolution), "
+                            "which is not supported; use a fixed-resolution SigLIP2 (e.g. "
+                            "google/siglip2-so400m-patch16-512, model_type siglip_vision_model)", "model_type")
+    if kind not in (None, "siglip_vision_model"):
+        raise HFConfigError(f"vision model_type {kind!r} is not SigLIP (supported: siglip_vision_model)",
+                            "model_type")
     act = _get(d, "hidden_act", _SIGLIP_DEFAULTS)
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise HFConfigError(f"SigLIP hidden_act {act!r} unsupported (our ViT uses GELU-tanh)")
-    return VisionConfig(num_layers=_get(d, "num_hidden_layers", _SIGLIP_DEFAULTS),
-                        hidden_size=_get(d, "hidden_size", _SIGLIP_DEFAULTS),
-                        num_heads=_get(d, "num_attention_heads", _SIGLIP_DEFAULTS),
-                        ffn_hidden_size=_get(d, "intermediate_size", _SIGLIP_DEFAULTS),
-                        patch_size=_get(d, "patch_size", _SIGLIP_DEFAULTS),
-                        image_size=_get(d, "image_size", _SIGLIP_DEFAULTS),
-                        layernorm_eps=float(_get(d, "layer_norm_eps", _SIGLIP_DEFAULTS)))
+        raise HFConfigError(f"SigLIP hidden_act {act!r} unsupported (our ViT uses GELU-tanh)", "hidden_act")
+    # Fixed-resolution SigLIP2 checkpoints share SigLIP's model_type; their name tells them apart.
+    family = "siglip2" if "siglip2" in str(d.get("_name_or_path", "")).lower() else "siglip"
+    cfg = VisionConfig(num_layers=_get(d, "num_hidden_layers", _SIGLIP_DEFAULTS),
+                       hidden_size=_get(d, "hidden_size", _SIGLIP_DEFAULTS),
+                       num_heads=_get(d, "num_attention_heads", _SIGLIP_DEFAULTS),
+                       ffn_hidden_size=_get(d, "intermediate_size", _SIGLIP_DEFAULTS),
+                       patch_size=_get(d, "patch_size", _SIGLIP_DEFAULTS),
+                       image_size=_get(d, "image_size", _SIGLIP_DEFAULTS),
+                       layernorm_eps=float(_get(d, "layer_norm_eps", _SIGLIP_DEFAULTS)),
+                       family=family, select_layer=int(select_layer))
+    try:
+        cfg.layers_used
+    except ValueError:
+        raise HFConfigError(f"{select_layer} selects no encoder layer of the {cfg.num_layers}; use -1 (the last, "
+                            f"after the post-layernorm) to -{cfg.num_layers}", "select_layer") from None
+    return cfg
 
 
-def _rope_theta(d: dict) -> float:
+def _rope_theta(d: dict, defaults: dict) -> float:
     rp = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     kind = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise HFConfigError(f"rope type {kind!r} unsupported (only plain RoPE)")
-    return float(rp.get("rope_theta") or d.get("rope_theta") or _QWEN2_DEFAULTS["rope_theta"])
+        raise HFConfigError(f"rope type {kind!r} unsupported (only plain RoPE)", "rope_scaling")
+    return float(rp.get("rope_theta") or d.get("rope_theta") or defaults["rope_theta"])
 
 
 def llm_config_from_hf(d: dict) -> LLMConfig:
-    """Our LLMConfig from a Qwen2 text config dict."""
-    if d.get("model_type") not in (None, "qwen2"):
-        raise HFConfigError(f"text model_type {d.get('model_type')!r} unsupported (only qwen2)")
-    if _get(d, "hidden_act", _QWEN2_DEFAULTS) != "silu":
-        raise HFConfigError(f"Qwen2 hidden_act {d.get('hidden_act')!r} unsupported (SwiGLU needs silu)")
-    heads = _get(d, "num_attention_heads", _QWEN2_DEFAULTS)
-    return LLMConfig(num_layers=_get(d, "num_hidden_layers", _QWEN2_DEFAULTS),
-                     hidden_size=_get(d, "hidden_size", _QWEN2_DEFAULTS), num_heads=heads,
+    """Our LLMConfig from a Qwen2 / Qwen2.5 (``qwen2``) or Qwen3 (``qwen3``) text config dict."""
+    kind = d.get("model_type") or "qwen2"
+    if kind not in ("qwen2", "qwen3"):
+        raise HFConfigError(f"text model_type {kind!r} unsupported (supported: qwen2, qwen3)", "model_type")
+    qwen3 = kind == "qwen3"
+    defaults = _QWEN3_DEFAULTS if qwen3 else _QWEN2_DEFAULTS
+    if _get(d, "hidden_act", defaults) != "silu":
+        raise HFConfigError(f"hidden_act {d.get('hidden_act')!r} unsupported (SwiGLU needs silu)", "hidden_act")
+    if d.get("use_sliding_window"):
+        raise HFConfigError("sliding-window attention unsupported", "use_sliding_window")
+    heads = _get(d, "num_attention_heads", defaults)
+    hidden = _get(d, "hidden_size", defaults)
+    head_dim = d.get("head_dim") or defaults["head_dim"]
+    return LLMConfig(num_layers=_get(d, "num_hidden_layers", defaults), hidden_size=hidden, num_heads=heads,
                      num_kv_heads=d.get("num_key_value_heads") or heads,
-                     ffn_hidden_size=_get(d, "intermediate_size", _QWEN2_DEFAULTS),
-                     vocab_size=_get(d, "vocab_size", _QWEN2_DEFAULTS), rope_theta=_rope_theta(d),
-                     rms_eps=float(_get(d, "rms_norm_eps", _QWEN2_DEFAULTS)), qkv_bias=True,
-                     tie_embeddings=bool(_get(d, "tie_word_embeddings", _QWEN2_DEFAULTS)),
-                     max_position_embeddings=_get(d, "max_position_embeddings", _QWEN2_DEFAULTS))
+                     ffn_hidden_size=_get(d, "intermediate_size", defaults),
+                     vocab_size=_get(d, "vocab_size", defaults), rope_theta=_rope_theta(d, defaults),
+                     rms_eps=float(_get(d, "rms_norm_eps", defaults)),
+                     # Qwen2 always has q/k/v biases; Qwen3 has them only with attention_bias.
+                     qkv_bias=bool(d.get("attention_bias", False)) if qwen3 else True,
+                     tie_embeddings=bool(_get(d, "tie_word_embeddings", defaults)),
+                     max_position_embeddings=_get(d, "max_position_embeddings", defaults),
+                     family=kind, qk_layernorm=qwen3,
+                     head_dim=_head_dim(head_dim, hidden, heads, qwen3))
 
 
-def _match_preset(cfg: ModelConfig) -> str:
-    """Name of the preset with these dimensions, else "custom"."""
+def _head_dim(head_dim: Optional[int], hidden: int, heads: int, qwen3: bool) -> Optional[int]:
+    """Qwen3 configs always carry ``head_dim`` (kept as written); a Qwen2 one equal to hidden / heads
+    is the default (None)."""
+    if head_dim is None or (not qwen3 and int(head_dim) == hidden // heads):
+        return None
+    return int(head_dim)
+
+
+def _match_preset(cfg: ModelConfig) -> tuple[str, Optional[ModelConfig]]:
+    """(name, config) of the preset with these dimensions, else ("custom", None). The vision family
+    (a label: SigLIP and fixed-resolution SigLIP2 have the same layers) and the feature layer are
+    not compared."""
     from dataclasses import asdict
 
-    def dims(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k != "max_position_embeddings"}
+    def dims(d: dict, skip: tuple) -> dict:
+        return {k: v for k, v in d.items() if k not in skip}
 
+    vis_skip, llm_skip = ("family", "select_layer"), ("max_position_embeddings", "head_dim")
     for name in PRESETS:
         p = preset_model_config(name)
-        if asdict(cfg.vision) == asdict(p.vision) and dims(asdict(cfg.llm)) == dims(asdict(p.llm)):
-            return name
-    return "custom"
+        if dims(asdict(cfg.vision), vis_skip) == dims(asdict(p.vision), vis_skip) \
+                and dims(asdict(cfg.llm), llm_skip) == dims(asdict(p.llm), llm_skip) \
+                and cfg.llm.kv_channels == p.llm.kv_channels:
+            return name, p
+    return "custom", None
 
 
 def model_config_from_parts(vision: dict, text: dict, downsample_ratio: float = 0.5,
-                            image_token_id: Optional[int] = None, params_dtype: str = "float32") -> ModelConfig:
-    cfg = ModelConfig(vision=vision_config_from_hf(vision), llm=llm_config_from_hf(text),
-                      downsample_ratio=float(downsample_ratio), params_dtype=params_dtype)
+                            image_token_id: Optional[int] = None, params_dtype: str = "float32",
+                            select_layer: int = -1) -> ModelConfig:
+    """Our ModelConfig from a vision and a text config dict (errors name the field inside each)."""
+    try:
+        v = vision_config_from_hf(vision, select_layer)
+    except HFConfigError as e:
+        raise e.located(None, "vision_config." if e.field != "select_layer" else "") from None
+    try:
+        l = llm_config_from_hf(text)
+    except HFConfigError as e:
+        raise e.located(None, "text_config.") from None
+    cfg = ModelConfig(vision=v, llm=l, downsample_ratio=float(downsample_ratio), params_dtype=params_dtype)
     if image_token_id is not None:
         cfg.image_token_id = int(image_token_id)
-    cfg.preset = _match_preset(cfg)
+    cfg.preset, preset = _match_preset(cfg)
+    if preset is not None and preset.vision.family == "siglip2":
+        cfg.vision.family = "siglip2"
     return cfg
 
 
-def model_config_from_hf(d: dict, params_dtype: str = "float32") -> ModelConfig:
-    """Our ModelConfig from an Eagle 2.5 ``config.json`` dict."""
+def model_config_from_hf(d: dict, params_dtype: str = "float32", source: Optional[str] = None) -> ModelConfig:
+    """Our ModelConfig from an Eagle 2.5 ``config.json`` dict (``source``: its path, for errors).
+
+    A missing ``select_layer`` is read as the official config class's default, -4.
+    """
+    try:
+        return _model_config_from_hf(d, params_dtype)
+    except HFConfigError as e:
+        raise e.located(source) if source else e from None
+
+
+def _model_config_from_hf(d: dict, params_dtype: str) -> ModelConfig:
     if d.get("model_type") not in ("eagle_2_5_vl", None):
-        raise HFConfigError(f"model_type {d.get('model_type')!r} is not eagle_2_5_vl")
+        raise HFConfigError(f"model_type {d.get('model_type')!r} is not eagle_2_5_vl", "model_type")
     for key in ("vision_config", "text_config"):
         if key not in d:
-            raise HFConfigError(f"config.json has no {key}")
-    if d.get("select_layer", -1) != -1:
-        raise HFConfigError(f"select_layer {d['select_layer']} unsupported (features come from the last ViT layer)")
+            raise HFConfigError("missing", key)
     if d.get("mlp_connector_layers", 2) != 2:
-        raise HFConfigError("only the 2-layer MLP connector (mlp1.{0,1,3}) is supported")
+        raise HFConfigError("only the 2-layer MLP connector (mlp1.{0,1,3}) is supported", "mlp_connector_layers")
     if d.get("use_pixel_shuffle") is False:
-        raise HFConfigError("use_pixel_shuffle=false unsupported")
+        raise HFConfigError("false unsupported (the connector takes pixel-shuffled features)", "use_pixel_shuffle")
     text = dict(d["text_config"])
     if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
         text["tie_word_embeddings"] = d["tie_word_embeddings"]
     vision = dict(d["vision_config"])
     force = d.get("force_image_size")
     if force and force != vision.get("image_size", _SIGLIP_DEFAULTS["image_size"]):
-        raise HFConfigError(f"force_image_size {force} != vision_config.image_size {vision.get('image_size')}: "
-                            "resize the position embeddings first")
+        raise HFConfigError(f"{force} != vision_config.image_size {vision.get('image_size')}: "
+                            "resize the position embeddings first", "force_image_size")
+    select = d.get("select_layer")
     return model_config_from_parts(vision, text, d.get("downsample_ratio", 0.5), d.get("image_token_index"),
-                                   params_dtype)
+                                   params_dtype, OFFICIAL_SELECT_LAYER if select is None else int(select))

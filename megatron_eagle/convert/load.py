@@ -38,23 +38,57 @@ def image_token_id_from_tokenizer(tokenizer_dir: str | Path) -> int:
     return special_token_ids(load_tokenizer(tokenizer_dir))["img_context"]
 
 
+def check_tokenizer_fits(tokenizer_dir: str | Path, cfg: ModelConfig, config_file: str | Path,
+                         vocab_field: str = "text_config.vocab_size") -> None:
+    """Every id of the tokenizer (Eagle's tokens included) must have an embedding row; else a
+    ValueError naming the tokenizer file, the checkpoint's config file and its vocab field."""
+    from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok_file = next((Path(tokenizer_dir) / f for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+                     if (Path(tokenizer_dir) / f).exists()), Path(tokenizer_dir))
+    if len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"{tok_file}: the tokenizer holds {len(tok)} tokens but {config_file} field {vocab_field} "
+                         f"is {cfg.llm.vocab_size}: ids >= {cfg.llm.vocab_size} have no embedding row. Use the "
+                         "checkpoint's own tokenizer, or resize the embeddings first")
+    img = special_token_ids(tok)["img_context"]
+    if img != cfg.image_token_id:
+        raise ValueError(f"{tok_file}: <IMG_CONTEXT> is id {img} but {config_file} field image_token_index is "
+                         f"{cfg.image_token_id}: this tokenizer does not belong to the checkpoint")
+
+
 def model_config_from_source(source: Source, params_dtype: str = "float32",
                              tokenizer_dir: Optional[str | Path] = None) -> ModelConfig:
-    """ModelConfig of an Eagle HF dir, or of a (SigLIP dir, Qwen2 dir) pair.
+    """ModelConfig of an Eagle HF dir, or of a (SigLIP dir, Qwen2/Qwen3 dir) pair.
 
     For a pair the ``<IMG_CONTEXT>`` id comes from the tokenizer (``tokenizer_dir``, else
-    the Qwen2 dir), which gets Eagle's image tokens added if it lacks them.
+    the LLM dir), which gets Eagle's image tokens added if it lacks them. A tokenizer that does not
+    fit the checkpoint's vocabulary is refused, naming both files.
     """
     hf_dir, pair = _split_source(source)
     if hf_dir is not None:
-        return hf_mapping.model_config_from_hf(hf_io.read_config(hf_dir), params_dtype)
+        config_file = Path(hf_dir) / "config.json"
+        raw = hf_io.read_config(hf_dir)
+        cfg = hf_mapping.model_config_from_hf(raw, params_dtype, source=str(config_file))
+        tok = tokenizer_dir or (hf_dir if (Path(hf_dir) / "tokenizer_config.json").exists() else None)
+        if raw.get("image_token_index") is None:  # the official config class's default is None
+            if tok is None:
+                raise hf_mapping.HFConfigError("missing, and no tokenizer beside it to read <IMG_CONTEXT> from",
+                                               "image_token_index", str(config_file))
+            cfg.image_token_id = image_token_id_from_tokenizer(tok)
+        if tok is not None:
+            check_tokenizer_fits(tok, cfg, config_file)
+        return cfg
     vision_dir, llm_dir = pair
     img_id = image_token_id_from_tokenizer(tokenizer_dir or llm_dir)
-    cfg = hf_mapping.model_config_from_parts(hf_io.siglip_vision_config(vision_dir), hf_io.read_config(llm_dir),
-                                             0.5, img_id, params_dtype)
-    if img_id >= cfg.llm.vocab_size:
-        raise ValueError(f"<IMG_CONTEXT> id {img_id} is outside the LLM vocabulary ({cfg.llm.vocab_size}); "
-                         "resize the embeddings first")
+    try:
+        cfg = hf_mapping.model_config_from_parts(hf_io.siglip_vision_config(vision_dir),
+                                                 hf_io.read_config(llm_dir), 0.5, img_id, params_dtype)
+    except hf_mapping.HFConfigError as e:
+        where = vision_dir if (e.field or "").startswith("vision_config") else llm_dir
+        field = (e.field or "").replace("text_config.", "").replace("vision_config.", "") or None
+        raise hf_mapping.HFConfigError(e.problem, field, str(Path(where) / "config.json")) from None
+    check_tokenizer_fits(tokenizer_dir or llm_dir, cfg, Path(llm_dir) / "config.json", "vocab_size")
     return cfg
 
 
@@ -66,11 +100,59 @@ class LoadReport:
     read_hf: set[str] = dataclasses.field(default_factory=set)  # HF tensors this rank read (stored names)
 
 
+def check_shards(directory: str | Path) -> None:
+    """Every shard ``model.safetensors.index.json`` names must exist (FileNotFoundError naming the
+    index, the field and the missing files)."""
+    index = Path(directory) / hf_io.INDEX_NAME
+    if not index.exists():
+        return
+    import json
+
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [f for f in files if not (Path(directory) / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{index}: weight_map names {len(missing)} shard(s) missing from {directory}: "
+                                f"{missing[:4]}{' ...' if len(missing) > 4 else ''}; download them again")
+
+
 def _open_readers(source: Source):
     hf_dir, pair = _split_source(source)
+    for d in ([hf_dir] if hf_dir is not None else pair):
+        check_shards(d)
     if hf_dir is not None:
         return [hf_io.SafetensorsReader(hf_dir)]
     return [hf_io.siglip_reader(pair[0]), hf_io.qwen2_reader(pair[1])]
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def declared_dtype(source: Source) -> dict[int, tuple[torch.dtype, Path]]:
+    """Per reader position: (dtype its config.json declares in ``torch_dtype``/``dtype``, that file)."""
+    hf_dir, pair = _split_source(source)
+    out = {}
+    for i, d in enumerate([hf_dir] if hf_dir is not None else pair):
+        cfg = hf_io.read_config(d)
+        name = cfg.get("torch_dtype") or cfg.get("dtype")
+        if isinstance(name, str) and name in _DTYPE_NAMES:
+            out[i] = (_DTYPE_NAMES[name], Path(d) / "config.json")
+    return out
+
+
+def check_feature_layer(source: Source, cfg: ModelConfig) -> None:
+    """An Eagle dir's ``select_layer`` must be the model's: every layer loads either way, so a
+    mismatch would silently change which ViT features the connector sees."""
+    hf_dir, _ = _split_source(source)
+    if hf_dir is None:
+        return
+    raw = hf_io.read_config(hf_dir)
+    select = raw.get("select_layer")
+    select = hf_mapping.OFFICIAL_SELECT_LAYER if select is None else int(select)
+    if select != cfg.vision.select_layer:
+        raise ValueError(f"{Path(hf_dir) / 'config.json'}: field select_layer is {select}"
+                         f"{' (absent: the official default)' if raw.get('select_layer') is None else ''} but "
+                         f"model.vision.select_layer is {cfg.vision.select_layer}; set "
+                         f"model.vision.select_layer={select} to load this checkpoint as trained")
 
 
 def _stored_as_eagle(readers) -> set[str]:
@@ -93,20 +175,32 @@ def load_hf_into_model(model: torch.nn.Module, source: Source, cfg: Optional[Mod
     its fresh initialisation (stage-1 start); anything else missing raises ``KeyError``.
     """
     cfg = cfg or model.model_cfg
+    check_feature_layer(source, cfg)
     readers = _open_readers(source)
     separate = len(readers) == 2
+    declared = declared_dtype(source)
 
     def read(hf_name: str) -> Optional[torch.Tensor]:
-        for r in readers:
+        for i, r in enumerate(readers):
             t = r.get(hf_name)
             if t is not None:
+                if i in declared and t.is_floating_point() and t.dtype != declared[i][0]:
+                    stored = r.rename(hf_name)
+                    raise TypeError(f"{r.dir / r._where[stored]}: tensor {stored} is {str(t.dtype)[6:]} but "
+                                    f"{declared[i][1]} field torch_dtype says {str(declared[i][0])[6:]}; "
+                                    "fix torch_dtype or re-save the weights in that dtype")
                 return t
         return None
 
     def get(name: str) -> Optional[torch.Tensor]:
         if separate and name.startswith("connector."):
             return None
-        return hf_mapping.from_hf(name, cfg, read)
+        t = hf_mapping.from_hf(name, cfg, read)
+        if t is not None and name in hf_mapping.VOCAB_TENSORS and t.shape[0] != cfg.llm.vocab_size:
+            raise ValueError(f"{hf_mapping.hf_sources(name, cfg)[0]} has {t.shape[0]} rows but the model's "
+                             f"llm.vocab_size is {cfg.llm.vocab_size}: set model.llm.vocab_size to the "
+                             "checkpoint's (text_config.vocab_size)")
+        return t
 
     missing = load_full_parameters(model, get, strict=False)
     initialised = [n for n in missing if separate and n.startswith("connector.")]
@@ -119,6 +213,7 @@ def load_hf_into_model(model: torch.nn.Module, source: Source, cfg: Optional[Mod
                        f"(HF {list(hf_mapping.hf_sources(first, cfg))})")
     expected = set(hf_mapping.expected_hf_names(cfg))
     unused = sorted(n for n in _stored_as_eagle(readers) if n not in expected and not hf_mapping.is_ignored_hf(n)
+                    and not hf_mapping.is_skipped_hf(n, cfg)
                     and not (n == hf_mapping.HF_LM_HEAD and cfg.llm.tie_embeddings)
                     and not (separate and not n.startswith(("vision_model.", "language_model."))))
     read_hf = set().union(*(r.requested for r in readers))

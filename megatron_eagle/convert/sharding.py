@@ -2,8 +2,9 @@
 
 The full layout uses our model's parameter names with *global* layer indices. Sharding
 follows megatron-core's own attributes (``tensor_model_parallel``, ``partition_dim``);
-the only special case is the SwiGLU ``linear_fc1`` whose [gate; up] halves are split
-separately. Everything streams one tensor at a time, so an 8B model is never held twice.
+the special cases are the SwiGLU ``linear_fc1`` whose [gate; up] halves are split
+separately, and the embedding / output layer, padded with zero rows from the true vocabulary to
+the model's padded one on load. Everything streams one tensor at a time, so an 8B model is never held twice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 TIED_EMBEDDING = "language_model.embedding.word_embeddings.weight"
+VOCAB_TENSORS = (TIED_EMBEDDING, "language_model.output_layer.weight")
+
+
+def pad_vocab_rows(name: str, full: torch.Tensor, rows: int) -> torch.Tensor:
+    """The embedding / output layer of the true vocabulary padded with zero rows to the model's
+    padded vocabulary (``rows``); other tensors unchanged."""
+    if name not in VOCAB_TENSORS or full.shape[0] >= rows:
+        return full
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])], dim=0)
 
 
 def _layer_offsets(model: torch.nn.Module) -> dict[str, int]:
@@ -104,6 +114,8 @@ def load_full_parameters(model: torch.nn.Module, get: Callable[[str], torch.Tens
         if full is None:
             missing.append(name)
             continue
+        sharded = getattr(p, "tensor_model_parallel", False) and tp_size > 1 and p.partition_dim == 0
+        full = pad_vocab_rows(global_name(name, offsets), full, p.shape[0] * (tp_size if sharded else 1))
         local = shard(name, p, full, model, tp_rank, tp_size)
         if local.shape != p.shape:
             raise ValueError(f"{name}: checkpoint shard {tuple(local.shape)} != parameter {tuple(p.shape)}")

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default 8)")
+    p.add_argument("--prompt-format", choices=["eagle2.5", "frame-times"], default="eagle2.5",
+                   help="prompt layout of the training data (default eagle2.5, the released models' layout)")
     p.add_argument("--max-tiles", type=int, default=12, help="max tiles per image (default 12)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -59,8 +61,9 @@ def run(args) -> int:
             return 2
         size = cfg.vision.image_size
         images = [load_image(p, size, args.max_tiles) for p in args.image]
-        videos = [load_video(p, size, args.num_frames) for p in args.video]
-        input_ids, pixels = build_inputs(tok, args.prompt, images, videos, cfg.tokens_per_tile, size)
+        videos = [load_video(p, size, args.num_frames, args.prompt_format) for p in args.video]
+        input_ids, pixels = build_inputs(tok, args.prompt, images, videos, cfg.tokens_per_tile, size,
+                                         args.prompt_format)
         eos = {ids_["eos"]} | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
         new = greedy_generate(model, input_ids, pixels.to(torch.float32), args.max_new_tokens, eos)
         text = tok.decode(new, skip_special_tokens=True)

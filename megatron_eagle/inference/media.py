@@ -1,9 +1,11 @@
 """Prompt and pixel inputs for generation: images, video frames, chat template.
 
 The data pipeline (``megatron_eagle.data.media``) defines how training turns media into
-tokens; generation reuses it so both agree. When those modules are unavailable, a minimal
-fallback is used instead: one resized tile per image, PyAV decoding of N frames at the
-centres of N equal segments, and the same placeholder text.
+tokens; generation reuses it so both agree. ``prompt_format`` is that of the training data:
+``eagle2.5`` (default; N frames at ``round(linspace(0, T-1, N))``, the video header, ChatML with
+Eagle's system prompt) or ``frame-times`` (N frames at segment centres, the tokenizer's template).
+When those modules are unavailable, a minimal fallback is used instead: one resized tile per
+image, PyAV decoding of the same frames, and the same text.
 ``USE_DATA_PIPELINE`` switches between them (tests flip it to exercise the fallback).
 """
 
@@ -48,6 +50,24 @@ class VideoInput:
     tiles: torch.Tensor          # [frames, 3, S, S] normalised
     frame_indices: tuple[int, ...]
     timestamps: tuple[float, ...]
+    duration: float = 0.0        # seconds, and the rate the eagle2.5 header states
+    rate: float = 0.0
+
+
+_EAGLE_SYSTEM = "You are an AI assistant whose name is Eagle-Next."
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+def _corner_aligned(total: int, n: int) -> tuple[tuple[int, ...], float]:
+    """``n`` of ``total`` frames at round(linspace(0, total-1, n)); with the count actually taken."""
+    import numpy as np
+
+    n = max(1, min(n, total))
+    return tuple(np.linspace(0, total - 1, n).round().astype(np.int64).tolist()), n
+
+
+def _header_rate(n: int, total: int, fps: float, duration: float, min_frames: int = 8) -> float:
+    return fps if (n == total and total <= min_frames) else n / max(duration, 1e-6)
 
 
 def _pil_tile(img, size: int) -> torch.Tensor:
@@ -80,26 +100,42 @@ def load_image(path: str | Path, tile_size: int, max_tiles: int = 12) -> ImageIn
 
 # ----------------------------------------------------------------------------- videos
 
-def load_video(path: str | Path, tile_size: int, num_frames: int = 8) -> VideoInput:
-    """``num_frames`` frames at the centres of equal segments, one tile each, with their times."""
+def load_video(path: str | Path, tile_size: int, num_frames: int = 8, prompt_format: str = "eagle2.5") -> VideoInput:
+    """``num_frames`` frames, one tile each, with their times: corner-aligned under eagle2.5,
+    at the centres of equal segments under frame-times."""
     if _data_pipeline_available():
         from megatron_eagle.data.media.ads import sample_frame_indices
         from megatron_eagle.data.media.video import probe_video, video_to_tiles
 
-        plan = sample_frame_indices(probe_video(str(path)), num_frames)
+        meta = probe_video(str(path))
+        if prompt_format == "eagle2.5":
+            idx, n = _corner_aligned(meta["frames"], num_frames)
+            times = tuple(i / meta["fps"] for i in idx)
+            rate = _header_rate(n, meta["frames"], meta["fps"], meta["duration"])
+            tiles, _ = video_to_tiles(str(path), idx, tile_size)
+            return VideoInput(tiles, idx, times, meta["duration"], rate)
+        plan = sample_frame_indices(meta, num_frames)
         tiles, _ = video_to_tiles(str(path), plan.frame_indices, tile_size)
         return VideoInput(tiles, tuple(plan.frame_indices), tuple(plan.timestamps))
-    return _load_video_fallback(path, tile_size, num_frames)
+    return _load_video_fallback(path, tile_size, num_frames, prompt_format)
 
 
-def _load_video_fallback(path: str | Path, tile_size: int, num_frames: int) -> VideoInput:
+def _load_video_fallback(path: str | Path, tile_size: int, num_frames: int, prompt_format: str) -> VideoInput:
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 1)
+        duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
         frames = [(f.to_image(), float(f.time or 0.0)) for f in container.decode(stream)]
     if not frames:
         raise ValueError(f"no decodable frames in {path}")
+    if prompt_format == "eagle2.5":
+        idx, n = _corner_aligned(len(frames), num_frames)
+        duration = duration or len(frames) / fps
+        tiles = torch.stack([normalize(_pil_tile(frames[i][0], tile_size)) for i in idx])
+        return VideoInput(tiles, idx, tuple(i / fps for i in idx), duration,
+                          _header_rate(n, len(frames), fps, duration))
     n = max(1, min(num_frames, len(frames)))
     idx = tuple(min(len(frames) - 1, int((k + 0.5) * len(frames) / n)) for k in range(n))
     t0 = frames[0][1]
@@ -109,15 +145,19 @@ def _load_video_fallback(path: str | Path, tile_size: int, num_frames: int) -> V
 
 # ----------------------------------------------------------------------------- prompt
 
-def with_placeholders(prompt: str, n_images: int, n_videos: int) -> str:
-    """Prepend ``<image>``/``<video>`` lines for media the prompt does not mention."""
+def with_placeholders(prompt: str, n_images: int, n_videos: int, prompt_format: str = "frame-times") -> str:
+    """Prepend placeholders for media the prompt does not mention: ``<image>``/``<video>`` lines, or
+    under eagle2.5 where training puts them (video tags, then image tags, then the text)."""
     kinds = [m.group(1) for m in _PLACEHOLDER.finditer(prompt)]
     missing_images = max(0, n_images - kinds.count("image"))
     missing_videos = max(0, n_videos - kinds.count("video"))
+    if prompt_format == "eagle2.5":
+        return "<video>" * missing_videos + "<image>" * missing_images + prompt
     return "<image>\n" * missing_images + "<video>\n" * missing_videos + prompt
 
 
-def _expand_fallback(text: str, images: Sequence[ImageInput], videos: Sequence[VideoInput], tpt: int) -> str:
+def _expand_fallback(text: str, images: Sequence[ImageInput], videos: Sequence[VideoInput], tpt: int,
+                     eagle: bool) -> str:
     counters = {"image": 0, "video": 0}
 
     def repl(m: re.Match) -> str:
@@ -125,10 +165,16 @@ def _expand_fallback(text: str, images: Sequence[ImageInput], videos: Sequence[V
         k = int(m.group(2)) - 1 if m.group(2) else counters[kind]
         counters[kind] += 1
         if kind == "image":
-            return IMG_START + IMG_CONTEXT * (images[k].tiles.shape[0] * tpt) + IMG_END
+            body = IMG_START + IMG_CONTEXT * (images[k].tiles.shape[0] * tpt) + IMG_END
+            return ((f"<image {k + 1}>" if len(images) > 1 else "") + body + "\n") if eagle else body
         v = videos[k]
-        return "".join(f"Frame {i} at {t:.1f} s: " + IMG_START + IMG_CONTEXT * tpt + IMG_END
-                       for i, t in enumerate(v.timestamps, start=1))
+        if not eagle:
+            return "".join(f"Frame {i} at {t:.1f} s: " + IMG_START + IMG_CONTEXT * tpt + IMG_END
+                           for i, t in enumerate(v.timestamps, start=1))
+        word = _ORDINALS[k] if k < len(_ORDINALS) else str(k + 1)
+        return (f"The {word} video of {v.duration:.2f} seconds at {v.rate:.2f} fps: "
+                + "".join(f"Frame {i}: " + IMG_START + IMG_CONTEXT * tpt + IMG_END
+                          for i in range(1, len(v.timestamps) + 1)) + "\n")
     return _PLACEHOLDER.sub(repl, text)
 
 
@@ -143,14 +189,23 @@ def _media_in_prompt_order(text: str, images, videos) -> list:
     return order
 
 
+def _strip_tag_newlines(text: str) -> str:
+    """eagle2.5 writes a newline after each medium, so one right after an unnumbered tag is dropped."""
+    return re.sub(r"<(image|video)>\n", r"<\1>", text)
+
+
 def build_inputs(tok, prompt: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = (),
-                 tokens_per_tile: int = 256, tile_size: int = 448) -> tuple[torch.Tensor, torch.Tensor]:
+                 tokens_per_tile: int = 256, tile_size: int = 448,
+                 prompt_format: str = "eagle2.5") -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids [L], pixel_values [n, 3, S, S])`` for a one-turn chat prompt awaiting the answer.
 
     Placeholders ``<image>``/``<video>`` (or ``<image-k>``) mark where media go; missing
     ones are prepended. Tiles are ordered like their ``<IMG_CONTEXT>`` runs in the ids.
     """
-    text = with_placeholders(prompt, len(images), len(videos))
+    eagle = prompt_format == "eagle2.5"
+    text = with_placeholders(prompt, len(images), len(videos), prompt_format)
+    if eagle:
+        text = _strip_tag_newlines(text)
     order = _media_in_prompt_order(text, images, videos)
     tiles = [m.tiles for m in order]
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile_size, tile_size)
@@ -160,11 +215,17 @@ def build_inputs(tok, prompt: str, images: Sequence[ImageInput] = (), videos: Se
         from megatron_eagle.data.media.prompt import tokenize_conversation
 
         plan = [ImagePlan(tuple(i.grid)) for i in images] + \
-               [VideoPlan(tuple(v.frame_indices), tuple(v.timestamps)) for v in videos]
-        ids, _ = tokenize_conversation(tok, conv, plan, tokens_per_tile, add_generation_prompt=True)
+               [VideoPlan(tuple(v.frame_indices), tuple(v.timestamps), v.duration, v.rate) for v in videos]
+        ids, _ = tokenize_conversation(tok, conv, plan, tokens_per_tile, add_generation_prompt=True,
+                                       fmt=prompt_format)
     else:
-        conv[0]["content"] = _expand_fallback(text, images, videos, tokens_per_tile)
-        rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        content = _expand_fallback(text, images, videos, tokens_per_tile, eagle)
+        if eagle:
+            rendered = (f"<|im_start|>system\n{_EAGLE_SYSTEM}<|im_end|>\n<|im_start|>user\n{content.strip()}"
+                        "<|im_end|>\n<|im_start|>assistant\n")
+        else:
+            conv[0]["content"] = content
+            rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         ids = tok(rendered, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     ctx = tok.convert_tokens_to_ids(IMG_CONTEXT)

@@ -1,4 +1,4 @@
-"""Eagle 2.5 on megatron-core: SigLIP ViT -> pixel shuffle -> MLP connector -> Qwen2.5.
+"""Eagle 2.5 on megatron-core: SigLIP ViT -> pixel shuffle -> MLP connector -> Qwen2.5 / Qwen3.
 
 The whole path from a packed batch to the loss is :meth:`EagleModel.forward`:
 this rank's layout of the pack -> tiles -> ViT -> pixel shuffle -> connector -> replace
@@ -57,7 +57,7 @@ class EagleModel(MegatronModule):
             self.connector = MLPConnector(llm_cfg, shuffled, model.llm.hidden_size)
         self.language_model = GPTModel(
             config=llm_cfg, transformer_layer_spec=llm_block_spec(llm_cfg, self.attention_kernels),
-            vocab_size=model.llm.vocab_size, max_sequence_length=model.llm.max_position_embeddings, pre_process=pre_process,
+            vocab_size=model.llm.padded_vocab_size(parallel.tp), max_sequence_length=model.llm.max_position_embeddings, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=model.llm.tie_embeddings,
             position_embedding_type="rope", rotary_base=model.llm.rope_theta,
             scatter_embedding_sequence_parallel=False)
@@ -120,7 +120,8 @@ class EagleModel(MegatronModule):
         if return_hidden:
             return layout.gather_full(hidden)
         loss = chunked_weighted_ce(hidden, self.output_weight(), layout.labels, layout.loss_weights,
-                                   self.chunk_tokens, supervised=layout.supervised_positions(hidden.device))
+                                   self.chunk_tokens, supervised=layout.supervised_positions(hidden.device),
+                                   vocab_size=self.model_cfg.llm.vocab_size)
         return layout.reduce_loss(loss)
 
     def _full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,8 +136,9 @@ class EagleModel(MegatronModule):
             else lm.output_layer.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocab logits [T, V] from final hidden states (inference)."""
-        return full_logits(hidden, self.output_weight())
+        """Logits [T, V] over the true vocabulary (the padded rows sliced off) from final hidden states
+        (inference)."""
+        return full_logits(hidden, self.output_weight())[..., : self.model_cfg.llm.vocab_size]
 
 
 def apply_freeze(model: EagleModel, freeze: FreezeConfig) -> None:

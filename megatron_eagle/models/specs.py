@@ -19,7 +19,7 @@ from megatron_eagle.models.linear import BiasInGemmColumnParallelLinear
 from megatron_eagle.models.norm import Norm
 
 
-def _layer_spec(mask: AttnMaskType, kernels: AttentionKernels) -> ModuleSpec:
+def _layer_spec(mask: AttnMaskType, kernels: AttentionKernels, qk_norm: bool = False) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -31,8 +31,9 @@ def _layer_spec(mask: AttnMaskType, kernels: AttentionKernels) -> ModuleSpec:
                     linear_qkv=BiasInGemmColumnParallelLinear,  # qkv biases (ViT, Qwen2) in the GEMM
                     core_attention=ModuleSpec(module=PackedCoreAttention, params={"kernels": kernels}),
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    # Qwen3: RMSNorm over each head's query/key (megatron builds it at head size).
+                    q_layernorm=Norm if qk_norm else IdentityOp,
+                    k_layernorm=Norm if qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -44,15 +45,18 @@ def _layer_spec(mask: AttnMaskType, kernels: AttentionKernels) -> ModuleSpec:
     )
 
 
-def _block(layer: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)
+def _block(layer: ModuleSpec, num_layers: int, final_norm: bool = True) -> TransformerBlockSubmodules:
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm if final_norm else None)
 
 
-def vit_block_spec(config: TransformerConfig, kernels: AttentionKernels) -> TransformerBlockSubmodules:
-    """SigLIP layers: LayerNorm, bidirectional attention, GELU-tanh MLP (biases from config)."""
-    return _block(_layer_spec(AttnMaskType.no_mask, kernels), config.num_layers)
+def vit_block_spec(config: TransformerConfig, kernels: AttentionKernels,
+                   post_layernorm: bool = True) -> TransformerBlockSubmodules:
+    """SigLIP layers: LayerNorm, bidirectional attention, GELU-tanh MLP (biases from config); the
+    post-layernorm only when the features are the encoder's last output."""
+    return _block(_layer_spec(AttnMaskType.no_mask, kernels), config.num_layers, post_layernorm)
 
 
 def llm_block_spec(config: TransformerConfig, kernels: AttentionKernels) -> TransformerBlockSubmodules:
-    """This pipeline stage's Qwen2 layers: RMSNorm, causal packed attention, SwiGLU."""
-    return _block(_layer_spec(AttnMaskType.causal, kernels), get_num_layers_to_build(config))
+    """This pipeline stage's Qwen2 / Qwen3 layers: RMSNorm, causal packed attention (q/k RMSNorm with
+    ``config.qk_layernorm``), SwiGLU."""
+    return _block(_layer_spec(AttnMaskType.causal, kernels, config.qk_layernorm), get_num_layers_to_build(config))

@@ -54,7 +54,8 @@ def _fuse_elementwise() -> bool:
 
 
 def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """SigLIP: LayerNorm with bias, GELU(tanh) MLP with biases, MHA with qkv/out biases."""
+    """SigLIP / fixed-resolution SigLIP2: LayerNorm with bias, GELU(tanh) MLP with biases, MHA with
+    qkv/out biases; the layers up to ``select_layer``."""
     kw = _common(parallel, model)
     kw.update(pipeline_model_parallel_size=1, context_parallel_size=1)  # ViT lives on PP stage 0
     fuse = _fuse_elementwise()
@@ -63,7 +64,7 @@ def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: Par
     gelu = F.gelu if fuse else functools.partial(F.gelu, approximate="tanh")
     kw.update(bias_activation_fusion=fuse, bias_dropout_fusion=fuse)
     return TransformerConfig(
-        num_layers=v.num_layers,
+        num_layers=v.layers_used,  # layers after ``select_layer`` feed nothing: not built
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_heads,
         ffn_hidden_size=v.ffn_hidden_size,
@@ -80,18 +81,20 @@ def vision_transformer_config(v: VisionConfig, model: ModelConfig, parallel: Par
 
 
 def llm_transformer_config(l: LLMConfig, model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """Qwen2.5: RMSNorm, SwiGLU without biases, GQA with qkv bias."""
+    """Qwen2.5 (GQA with qkv bias) or Qwen3 (no qkv bias, RMSNorm on each q/k head, head_dim of its
+    own): RMSNorm, SwiGLU without biases."""
     return TransformerConfig(
         num_layers=l.num_layers,
         hidden_size=l.hidden_size,
         num_attention_heads=l.num_heads,
         num_query_groups=l.num_kv_heads,
         ffn_hidden_size=l.ffn_hidden_size,
-        kv_channels=l.hidden_size // l.num_heads,
+        kv_channels=l.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=l.rms_eps,
         add_bias_linear=False,
         add_qkv_bias=l.qkv_bias,
+        qk_layernorm=l.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
         variable_seq_lengths=parallel.pp > 1,  # packs differ in length: p2p sends shapes first

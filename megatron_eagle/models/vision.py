@@ -26,8 +26,8 @@ def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class SiglipVisionModel(MegatronModule):
-    """Tiles [n, 3, S, S] (normalised floats, or uint8 RGB) -> patch features [n, (S/p)^2, C] after the
-    post-layernorm.
+    """Tiles [n, 3, S, S] (normalised floats, or uint8 RGB) -> patch features [n, (S/p)^2, C] of the
+    layer ``select_layer`` (-1: after the post-layernorm).
 
     Patch and position embeddings are small and replicated across TP ranks; the
     transformer layers are tensor-parallel (and sequence-parallel when enabled).
@@ -41,8 +41,10 @@ class SiglipVisionModel(MegatronModule):
                                                dtype=config.params_dtype)
         self.num_patches = vision.patches_per_side ** 2
         self.position_embedding = torch.nn.Embedding(self.num_patches, c, dtype=config.params_dtype)
-        self.encoder = TransformerBlock(config=config, spec=vit_block_spec(config, kernels), pre_process=True,
-                                        post_process=True)  # post_process adds SigLIP's post-layernorm
+        # The block's final norm is SigLIP's post-layernorm (HF applies it to ``last_hidden_state``
+        # only: none for an intermediate ``select_layer``).
+        spec = vit_block_spec(config, kernels, post_layernorm=vision.post_layernorm)
+        self.encoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=True)
         std = config.init_method_std
         for p in (self.patch_embedding.weight, self.position_embedding.weight):
             torch.nn.init.normal_(p, std=std)

@@ -75,7 +75,8 @@ def test_prompt_media_expansion(generated):
     vid = generated["video"]
     assert vid["tiles"] == 3 and vid["input_ids"].count(ctx) == 3 * tpt
     text = tok.decode(vid["input_ids"])
-    assert "Frame 1 at" in text and "Frame 3 at" in text and text.count("<img>") == 3
+    assert "The first video of" in text and " fps: Frame 1: <img>" in text and "</img>Frame 3: <img>" in text
+    assert text.count("<img>") == 3 and "You are an AI assistant whose name is Eagle-Next." in text
     assert text.rstrip().endswith("<|im_start|>assistant")
     assert generated["text"]["tiles"] == 0 and ctx not in generated["text"]["input_ids"]
 

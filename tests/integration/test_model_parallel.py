@@ -19,7 +19,8 @@ def _grads_full(model):
         if p.grad is None:
             continue
         g = p.grad.clone()
-        if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does for SP norms
+        # what finalize_model_grads does for SP norms and Qwen3's q/k norms (shared by every head)
+        if getattr(p, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name:
             torch.distributed.all_reduce(g, group=ps.get_tensor_model_parallel_group())
         fake = torch.nn.Parameter(g.detach().clone(), requires_grad=False)
         for attr in ("tensor_model_parallel", "partition_dim"):
@@ -29,7 +30,7 @@ def _grads_full(model):
     return out
 
 
-def _run(rank, world, tp, pp, sp, tie):
+def _run(rank, world, tp, pp, sp, tie, preset="tiny"):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -39,7 +40,7 @@ def _run(rank, world, tp, pp, sp, tie):
     from megatron_eagle.runtime.distributed import init_model_parallel
     from tests.model_fixtures import full_reference_state, mixed_pack, tiny_model_config
 
-    cfg = tiny_model_config(tie=tie)
+    cfg = tiny_model_config(tie=tie, preset=preset)
     init_model_parallel(1, 1, 1)
     ref_state = full_reference_state(cfg)
     batch = mixed_pack(cfg, pad_to_multiple=2)
@@ -71,7 +72,8 @@ def _run(rank, world, tp, pp, sp, tie):
         # finalize_model_grads does) before comparing with the single-rank gradient.
         from megatron_eagle.convert.sharding import TIED_EMBEDDING
         g = grads.pop("language_model.output_layer.weight", None)
-        g = g if g is not None else grads.get(TIED_EMBEDDING, torch.zeros(cfg.llm.vocab_size, cfg.llm.hidden_size))
+        g = g if g is not None else grads.get(TIED_EMBEDDING, torch.zeros(cfg.llm.padded_vocab_size(tp),
+                                                                           cfg.llm.hidden_size))
         g = g.clone()
         torch.distributed.all_reduce(g, group=ps.get_embedding_group())
         if TIED_EMBEDDING in grads:
@@ -104,3 +106,20 @@ def test_parallel_equals_single_rank(single_rank, tp, pp, sp, tie):
     for name, g in ref_grads.items():
         assert g.abs().sum() > 0 or "vision" in name, f"{name} has no gradient"
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tp,sp", [(2, True)])
+def test_qwen3_parallel_equals_single_rank(tp, sp):
+    """Qwen3 (q/k RMSNorm, head_dim != hidden/heads, no qkv bias, a vocabulary TP does not divide):
+    TP (+SP) loss and every gradient equal the single rank's; padded vocabulary rows get none."""
+    preset = "tiny-eagle2.5-qwen3-8b"
+    ref_loss, ref_grads = _collect(run_distributed(_run, 1, 1, 1, False, False, preset))
+    loss, grads = _collect(run_distributed(_run, tp, tp, 1, sp, False, preset))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(grads) == set(ref_grads)
+    assert any("q_layernorm" in n for n in grads) and any("k_layernorm" in n for n in grads)
+    for name, g in ref_grads.items():
+        assert g.abs().sum() > 0 or "vision" in name, f"{name} has no gradient"
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    out = ref_grads["language_model.output_layer.weight"]
+    assert out.shape[0] == 512 and out[509:].abs().max() == 0 and out[:509].abs().sum() > 0

@@ -51,7 +51,7 @@ def test_labels_cover_assistant_content_and_end_of_turn_only(tok):
 def test_collapsed_tokenization_matches_full_expansion(tok):
     conv = [{"from": "human", "value": "<image-1> and <video-1>: compare."}, {"from": "gpt", "value": "same"}]
     plan = [ImagePlan((3, 1)), VideoPlan((0, 5, 9), (0.0, 0.5, 0.9))]
-    ids, _ = tokenize_conversation(tok, conv, plan, tokens_per_tile=8)
+    ids, _ = tokenize_conversation(tok, conv, plan, tokens_per_tile=8, fmt="frame-times")
     expanded = expand_media_placeholders(conv, plan, tokens_per_tile=8)
     text = tok.apply_chat_template([{"role": "user", "content": expanded[0]["value"]},
                                     {"role": "assistant", "content": "same"}], tokenize=False)
@@ -60,15 +60,15 @@ def test_collapsed_tokenization_matches_full_expansion(tok):
 
 def test_index_token_counts_predict_lengths(tok):
     conv = [{"from": "human", "value": "<image>\nWhat is the color?"}, {"from": "gpt", "value": "It is red."}]
-    text_tokens, supervised = count_text_tokens(tok, conv)
+    text_tokens, supervised = count_text_tokens(tok, conv, "frame-times")
     plan = [ImagePlan((4, 3))]
-    ids, labels = tokenize_conversation(tok, conv, plan, tokens_per_tile=16)
+    ids, labels = tokenize_conversation(tok, conv, plan, tokens_per_tile=16, fmt="frame-times")
     assert len(ids) == text_tokens + visual_tokens(plan, 16) == text_tokens + 13 * 16 + 2
     assert sum(l != IGNORE_INDEX for l in labels) == supervised == len(tok("It is red.")["input_ids"]) + 1
     vconv = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "a line"}]
     vplan = [VideoPlan(tuple(range(0, 120, 10)), tuple(i / 10 for i in range(0, 120, 10)))]
-    t, _ = count_text_tokens(tok, vconv)
-    ids, _ = tokenize_conversation(tok, vconv, vplan, tokens_per_tile=16)
+    t, _ = count_text_tokens(tok, vconv, "frame-times")
+    ids, _ = tokenize_conversation(tok, vconv, vplan, tokens_per_tile=16, fmt="frame-times")
     bound = frame_prefix_token_bound(tok)
     assert t + visual_tokens(vplan, 16) < len(ids) <= t + visual_tokens(vplan, 16) + 12 * bound
 

@@ -237,7 +237,8 @@ class PackBuilder:
         sample = self._read(lambda: src.reader().read_json(rec), f"{where}.json")
         n_tiles = sum(media_tiles(mp) for mp in res.plan.media)
         try:
-            ids, labels = tokenize_conversation(self.tok, sample["conversations"], res.plan.media, c.tokens_per_tile)
+            ids, labels = tokenize_conversation(self.tok, sample["conversations"], res.plan.media, c.tokens_per_tile,
+                                                fmt=src.prompt)
         except Exception as e:
             raise SampleError(f"{where}: cannot tokenize: {type(e).__name__}: {e}") from None
         n_ctx = sum(1 for t in ids if t == c.image_token_id)

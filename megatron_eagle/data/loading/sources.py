@@ -23,6 +23,7 @@ import numpy as np
 
 from megatron_eagle.config import ConfigError, ModelConfig
 from megatron_eagle.data.media.ads import ADSConfig
+from megatron_eagle.data.media.prompt import PromptFormat, format_from_manifest
 from megatron_eagle.data.packing.plan_index import ads_config_for
 from megatron_eagle.data.shards import INDEX_NAME, ShardReader, is_url, join_root, load_manifest
 
@@ -131,6 +132,11 @@ class DataSource:
     manifest: dict[str, Any] = field(default_factory=dict)
     _reader: Optional[ShardReader] = field(default=None, repr=False)
     _pid: int = field(default=-1, repr=False)
+
+    @property
+    def prompt(self) -> PromptFormat:
+        """The prompt format the dataset was prepared (and its tokens counted) with."""
+        return format_from_manifest(self.manifest)
 
     def reader(self) -> ShardReader:
         """This process's shard reader (opened on first use after a fork)."""

@@ -1,9 +1,18 @@
 """Automatic Degrade Sampling (Eagle 2.5 §3.2.1): fit a sample into a stage's max length.
 
 Text is never truncated. Given the index record of a sample (text token count and media
-metadata), choose frames per video (<= max_fps, >= min_frames, else drop the sample for this
-length) and a tile cap from {12, 8, 6, 4, 2, 1} so that text + visual tokens fit ``max_seq_len``.
-Pure functions over the index; the same shards give different plans at 32K, 64K and 128K.
+metadata), choose frames per video and a tile cap from {12, 8, 6, 4, 2, 1} so that text + visual
+tokens fit ``max_seq_len``. Pure functions over the index; the same shards give different plans
+at 32K, 64K and 128K.
+
+Frames per video follow ``ADSConfig.frame_sampling``:
+- ``official`` (Eagle 2.5's preparation): ``total`` frames of the video (a clip: ``int((end-start)*fps)``
+  from frame ``int(start*fps)``); all of them when ``total <= min_frames``, else
+  ``n = clamp(int(total*min(max_fps, fps)/fps), min_frames, max_frames)`` at ``round(linspace(0, total-1, n))``.
+  ADS lowers ``n`` (never below ``min_frames``) only when the budget requires it; the prompt states
+  the rate used, ``n / duration`` (the video's fps when every frame of a short video is taken).
+- ``centres``: up to ``max_fps`` over the clip, at the centres of equal segments.
+A sample whose videos cannot get their minimum frames is dropped at that length.
 """
 
 from __future__ import annotations
@@ -33,10 +42,15 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    """Which frames of one video to decode, and their times (seconds from the clip start) for the prompt."""
+    """Which frames of one video to decode, and their times (seconds from the clip start) for the prompt.
+
+    ``duration`` and ``rate`` are what the eagle2.5 header states ("… of D seconds at F fps").
+    """
 
     frame_indices: tuple[int, ...]
     timestamps: tuple[float, ...]
+    duration: Optional[float] = None
+    rate: Optional[float] = None
 
     @property
     def num_frames(self) -> int:
@@ -62,8 +76,10 @@ class SamplePlan:
             if isinstance(m, ImagePlan):
                 out.append({"type": "image", "grid": list(m.grid)})
             else:
-                out.append({"type": "video", "frame_indices": list(m.frame_indices),
-                            "timestamps": list(m.timestamps)})
+                v = {"type": "video", "frame_indices": list(m.frame_indices), "timestamps": list(m.timestamps)}
+                if m.duration is not None:
+                    v.update(duration=m.duration, rate=m.rate)
+                out.append(v)
         return {"media": out, "tile_cap": self.tile_cap, "text_tokens": self.text_tokens,
                 "visual_tokens": self.visual_tokens, "num_tokens": self.num_tokens}
 
@@ -74,14 +90,17 @@ class SamplePlan:
             if m["type"] == "image":
                 media.append(ImagePlan(tuple(m["grid"])))
             else:
-                media.append(VideoPlan(tuple(m["frame_indices"]), tuple(m["timestamps"])))
+                media.append(VideoPlan(tuple(m["frame_indices"]), tuple(m["timestamps"]), m.get("duration"),
+                                       m.get("rate")))
         return SamplePlan(tuple(media), d["tile_cap"], d["text_tokens"], d["visual_tokens"], d["num_tokens"])
 
 
 @dataclass(frozen=True)
 class ADSConfig:
-    """Budgeting knobs. ``frame_text_tokens`` bounds the tokens of one "Frame i at t s: " prefix;
-    prepare's manifest records the bound for its tokenizer (``prompt.frame_prefix_tokens``)."""
+    """Budgeting knobs. ``frame_text_tokens`` bounds the tokens of one frame prefix ("Frame i: "),
+    ``video_text_tokens`` those of one video header, ``image_text_tokens`` the text around one image
+    ("<image k>" and a newline); prepare's manifest records the bounds for its tokenizer and prompt
+    format (``prompt.*``), and its video sampling settings (``video_sampling``)."""
 
     tokens_per_tile: int = 256
     tile_size: int = DEFAULT_TILE_SIZE
@@ -93,6 +112,9 @@ class ADSConfig:
     max_frames: int = 1024
     frame_text_tokens: int = 16
     media_wrap_tokens: int = 2  # <img> and </img>
+    video_text_tokens: int = 0
+    image_text_tokens: int = 0
+    frame_sampling: Literal["official", "centres"] = "centres"
 
     @property
     def frame_tokens(self) -> int:
@@ -100,7 +122,7 @@ class ADSConfig:
 
     def image_tokens(self, width: int, height: int, cap: int) -> int:
         grid = choose_grid(width, height, cap, self.tiling_method, self.tile_size)
-        return num_tiles(grid) * self.tokens_per_tile + self.media_wrap_tokens
+        return num_tiles(grid) * self.tokens_per_tile + self.media_wrap_tokens + self.image_text_tokens
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,41 @@ def sample_frame_indices(video: Mapping[str, Any], n: int) -> VideoPlan:
     idx = tuple(first + min(avail - 1, int((k + 0.5) * avail / n)) for k in range(n))
     times = tuple(round(max(0.0, i / fps - start), 3) for i in idx)
     return VideoPlan(idx, times)
+
+
+def official_frame_span(video: Mapping[str, Any]) -> tuple[int, int]:
+    """(first frame, total frames) the official rule samples from: the whole video, or for a clip
+    ``int((end - start) * fps)`` frames from ``int(start * fps)``."""
+    fps, frames = float(video["fps"]), int(video["frames"])
+    start, end = float(video.get("start") or 0.0), float(video.get("end") or video["duration"])
+    if not video.get("clip", start > 0 or end < float(video["duration"])):
+        return 0, frames
+    first = min(int(start * fps), max(frames - 1, 0))
+    return first, max(0, min(int((end - start) * fps), frames - first))
+
+
+def official_frame_count(video: Mapping[str, Any], cfg: ADSConfig) -> int:
+    """Frames the official rule takes before any budget: all when ``total <= min_frames``, else
+    ``clamp(int(total * min(max_fps, fps) / fps), min_frames, max_frames)``."""
+    fps = float(video["fps"])
+    _, total = official_frame_span(video)
+    if total <= cfg.min_frames:
+        return total
+    n = int(total * min(cfg.max_fps, fps) / fps)
+    return min(max(n, cfg.min_frames), cfg.max_frames)
+
+
+def official_frame_indices(video: Mapping[str, Any], n: int, cfg: ADSConfig) -> VideoPlan:
+    """``n`` corner-aligned frames ``round(linspace(0, total - 1, n))`` (numpy rounding: half to even)
+    of the span, with clip-relative times and the header's duration and rate."""
+    import numpy as np
+
+    fps = float(video["fps"])
+    first, total = official_frame_span(video)
+    n = max(1, min(n, total))
+    rel = np.linspace(0, total - 1, n).round().astype(np.int64).tolist()
+    rate = fps if (n == total and total <= cfg.min_frames) else n / float(video["duration"])
+    return VideoPlan(tuple(first + r for r in rel), tuple(r / fps for r in rel), float(video["duration"]), rate)
 
 
 def _distribute_frames(lo: list[int], hi: list[int], dur: list[float], budget: int) -> list[int]:
@@ -195,16 +252,20 @@ def _budget(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig) -> Unio
 
     frames: list[int] = []
     if videos:
-        lo = [min_video_frames(v, cfg) for v in videos]
-        hi = [max_video_frames(v, cfg) for v in videos]
+        if cfg.frame_sampling == "official":
+            hi = [max(1, official_frame_count(v, cfg)) for v in videos]
+            lo = [min(cfg.min_frames, h) for h in hi]
+        else:
+            lo = [min_video_frames(v, cfg) for v in videos]
+            hi = [max_video_frames(v, cfg) for v in videos]
         dur = [max(1e-3, float(v.get("end") or v["duration"]) - float(v.get("start") or 0.0)) for v in videos]
-        budget = (l_vis - image_floor) // cfg.frame_tokens
+        budget = (l_vis - image_floor - len(videos) * cfg.video_text_tokens) // cfg.frame_tokens
         if budget < sum(lo):
             return DROP_FRAMES_BELOW_MIN
         frames = _distribute_frames(lo, hi, dur, budget)
-    video_tokens = sum(frames) * cfg.frame_tokens
+    video_tokens = sum(frames) * cfg.frame_tokens + len(videos) * cfg.video_text_tokens
 
-    caps = sorted({c for c in cfg.tile_caps if c <= cfg.max_tiles} | {1}, reverse=True)
+    caps = sorted({c for c in cfg.tile_caps if c <= cfg.max_tiles} | {1, cfg.max_tiles}, reverse=True)
     left = l_vis - video_tokens
     cap, image_tokens = 1, image_floor
     for c in caps:
@@ -232,7 +293,9 @@ def plan_sample(record: Mapping[str, Any], max_seq_len: int, cfg: ADSConfig = AD
         if m["type"] == "image":
             plans.append(ImagePlan(choose_grid(m["width"], m["height"], b.cap, cfg.tiling_method, cfg.tile_size)))
         else:
-            plans.append(sample_frame_indices(m, next(frames)))
+            n = next(frames)
+            plans.append(official_frame_indices(m, n, cfg) if cfg.frame_sampling == "official"
+                         else sample_frame_indices(m, n))
     text = int(record["text_tokens"])
     return ADSResult(SamplePlan(tuple(plans), b.cap, text, b.visual_tokens, text + b.visual_tokens))
 
@@ -263,11 +326,19 @@ def plan_records(records: Iterable[Mapping[str, Any]], max_seq_len: int,
 
 
 def ads_config_from_manifest(manifest: Mapping[str, Any], **overrides: Any) -> ADSConfig:
-    """An ADSConfig whose frame-prefix bound comes from a prepared dataset's manifest."""
+    """An ADSConfig with a prepared dataset's prompt bounds, frame sampling and tile cap."""
     kw: dict[str, Any] = {}
-    bound = (manifest.get("prompt") or {}).get("frame_prefix_tokens")
-    if bound is not None:
-        kw["frame_text_tokens"] = int(bound)
+    prompt = manifest.get("prompt") or {}
+    for key, field_ in (("frame_prefix_tokens", "frame_text_tokens"), ("video_text_tokens", "video_text_tokens"),
+                        ("image_text_tokens", "image_text_tokens")):
+        if prompt.get(key) is not None:
+            kw[field_] = int(prompt[key])
+    vs = manifest.get("video_sampling") or {}
+    if vs:
+        kw.update(frame_sampling=vs.get("rule", "official"), max_fps=float(vs["fps"]),
+                  min_frames=int(vs["min_frames"]), max_frames=int(vs["max_frames"]))
+    if manifest.get("max_dynamic_tiles") is not None:
+        kw["max_tiles"] = int(manifest["max_dynamic_tiles"])
     kw.update(overrides)
     return ADSConfig(**kw)
 

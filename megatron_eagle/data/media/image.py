@@ -102,8 +102,21 @@ def image_ext(fmt: str) -> str:
     return IMAGE_EXT.get(fmt.upper(), "img")
 
 
+def to_rgb_on_white(img):
+    """RGB of a PIL image; transparent pixels are composited onto white (as Eagle 2.5's processor does)."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, max_pixels: int = MediaLimits().max_image_pixels):
-    """Decode encoded bytes to an RGB PIL image with EXIF orientation applied."""
+    """Decode encoded bytes to an RGB PIL image with EXIF orientation applied, alpha composited onto white."""
     from PIL import Image, ImageOps
 
     with _pil_pixel_limit(max_pixels):
@@ -111,9 +124,7 @@ def decode_image(data: bytes, max_pixels: int = MediaLimits().max_image_pixels):
         if img.width * img.height > max_pixels:
             raise MediaError("image too large", f"{img.width}x{img.height}")
         img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if "transparency" in img.info else img.convert("RGB")
-        return img
+        return to_rgb_on_white(img)
 
 
 def _pil_to_chw(img) -> Any:
@@ -130,7 +141,7 @@ def image_to_tiles(pil_image, grid: Grid, tile_size: int):
     from PIL import Image
 
     cols, rows = grid
-    img = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+    img = to_rgb_on_white(pil_image)
     big = img.resize((cols * tile_size, rows * tile_size), Image.BICUBIC)
     tiles = [big.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
              for r in range(rows) for c in range(cols)]

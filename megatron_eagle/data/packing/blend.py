@@ -34,14 +34,16 @@ def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
 def blend_counts(stage: Stage, sizes: list[int], mean_tokens: Optional[list[float]] = None) -> np.ndarray:
     """Samples to draw from each dataset of ``stage`` (``sizes``: samples available in each).
 
-    ``repeat``: round(repeat * size). ``weight``: the stage's sample total split by weight, where
+    ``repeat`` (a recipe's ``repeat_time``): below 1, ``int(repeat * size)`` samples (Eagle 2.5's rule);
+    from 1 up, ``round(repeat * size)``, i.e. ``repeat`` passes over the dataset. ``weight``: the stage's sample total split by weight, where
     the total is ``samples``, or is sized from ``mean_tokens`` (mean length per dataset) to hold
     ``tokens`` (or ``steps * global_batch_tokens``) at ``MIN_FILL`` plus one spare step, so packing
     does not fall short of the requested steps; the planner cuts the plan back to them (whole
     steps, in shuffled order, so the proportions hold up to the few steps cut).
     """
     if stage.uses_repeats():
-        return np.array([int(math.floor(d.repeat * n + 0.5)) for d, n in zip(stage.datasets, sizes)], np.int64)
+        return np.array([int(d.repeat * n) if d.repeat < 1 else int(math.floor(d.repeat * n + 0.5))
+                         for d, n in zip(stage.datasets, sizes)], np.int64)
     w = np.array([d.weight for d in stage.datasets], np.float64)
     if stage.samples is not None:
         total = stage.samples

@@ -1,6 +1,8 @@
 """`megatron-eagle inspect`: counts and distributions of a prepared directory, as text and a PNG.
 
-Reads only manifest.json and index.jsonl (never the shards).
+Reads only manifest.json and index.jsonl (never the shards). With ``--sample N`` it also prints
+sample N's text as training sees it at ``--seq-len`` (ADS frames and tiles, the dataset's prompt
+format), each ``<img>`` block collapsed to ``<img>×256·k</img>`` (k tiles of 256 tokens).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
     return {
         "samples": len(text), "input_samples": m["input_samples"], "rejected_samples": m["rejected_samples"],
         "rejected_by_reason": m["rejected_by_reason"], "shards": len(m["shards"]), "bytes": m["total_bytes"],
+        "prompt_format": (m.get("prompt") or {}).get("format", "frame-times"), "video_sampling": m.get("video_sampling"),
         "images": len(img_px), "videos": len(durations),
         "text_only": sum(1 for n in n_media if n == 0),
         "video_seconds": round(sum(durations), 3),
@@ -68,7 +71,10 @@ def _edge(x: float) -> str:
 def render_text(s: dict[str, Any], width: int = 40) -> str:
     lines = [f"samples {s['samples']} written of {s['input_samples']} input, {s['rejected_samples']} rejected; "
              f"{s['shards']} shards, {s['bytes']} bytes",
-             f"media: {s['images']} images, {s['videos']} videos ({s['video_seconds']} s); {s['text_only']} text-only"]
+             f"media: {s['images']} images, {s['videos']} videos ({s['video_seconds']} s); {s['text_only']} text-only",
+             f"prompt format: {s.get('prompt_format', 'frame-times')}" + (
+                 " (frames: {fps:g} fps, {min_frames}..{max_frames})".format(**s["video_sampling"])
+                 if s.get("video_sampling") else "")]
     for reason, n in s["rejected_by_reason"].items():
         lines.append(f"  rejected  {reason}: {n}")
     for title, key in (("text tokens (no visual tokens)", "text_tokens"), ("supervised tokens", "supervised_tokens"),
@@ -112,14 +118,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="prepared directory")
     p.add_argument("--plot", default=None, help="PNG path (default PATH/inspect.png)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--sample", type=int, action="append", default=[],
+                   help="also print sample N's text with <img> blocks collapsed (repeatable)")
+    p.add_argument("--seq-len", type=int, default=32768, help="stage length ADS plans the sample for (default 32768)")
+    p.add_argument("--tokens-per-tile", type=int, default=256, help="LLM tokens per tile of the model (default 256)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (only for frame-times data; default: the one in the manifest)")
+
+
+def sample_text(root: str | Path, i: int, seq_len: int = 32768, tokenizer: Any = None,
+                tokens_per_tile: int = 256) -> str:
+    """Sample ``i`` of a prepared directory as :func:`render_collapsed` writes it at ``seq_len``."""
+    from megatron_eagle.data.media.ads import ads_config_from_manifest, plan_sample
+    from megatron_eagle.data.media.prompt import format_from_manifest, render_collapsed
+    from megatron_eagle.data.shards import ShardReader, load_index
+
+    m = load_manifest(root)
+    records = load_index(root)
+    if not 0 <= i < len(records):
+        raise ValueError(f"--sample {i}: the dataset has {len(records)} samples")
+    rec = records[i]
+    fmt = format_from_manifest(m)
+    cfg = ads_config_from_manifest(m, tokens_per_tile=tokens_per_tile)
+    res = plan_sample(rec, seq_len, cfg)
+    if res.plan is None:
+        return f"[sample {i} ({rec['key']}) is dropped at {seq_len}: {res.drop_reason}]"
+    tok = None
+    if fmt.chat != "chatml":
+        from megatron_eagle.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer or m["tokenizer"]["path"])
+    with ShardReader(root) as reader:
+        sample = reader.read_json(rec)
+    text = render_collapsed(tok, sample["conversations"], res.plan.media, cfg.tokens_per_tile, fmt)
+    return f"--- sample {i} ({rec['key']}, {fmt.name}, {res.plan.num_tokens} tokens at most) ---\n{text}"
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         s = summarize(args.path)
+        texts = [sample_text(args.path, i, args.seq_len, args.tokenizer, args.tokens_per_tile) for i in args.sample]
     except (OSError, ValueError) as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 2
+    for t in texts:
+        print(t)
     png = plot(s, args.plot or Path(args.path) / "inspect.png")
     if args.json:
         print(json.dumps({k: v for k, v in s.items() if not k.startswith("_")}, indent=1, default=str))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
 from megatron_eagle.data.media.image import MediaLimits
+from megatron_eagle.data.media.prompt import DEFAULT_PROMPT_FORMAT, PROMPT_FORMATS
 from megatron_eagle.data.prepare.samples import (Accepted, Rejected, SampleContext, SampleError, parse_sample,
                                                  resolve_media_path, sample_json_bytes)
 from megatron_eagle.data.prepare.shard_jobs import clear_sidecars, pool_context, run_shard_jobs
@@ -53,6 +54,11 @@ class PrepareConfig:
     max_reject_fraction: float = 0.05
     limits: MediaLimits = field(default_factory=MediaLimits)
     progress: bool = True
+    prompt_format: str = DEFAULT_PROMPT_FORMAT
+    video_fps: float = 2.0  # official frame sampling: target rate, min and max frames per video
+    min_frames: int = 8
+    max_frames: int = 128
+    max_dynamic_tiles: Optional[int] = None  # a recipe's per-dataset tile cap (None: the model's)
 
 
 # ----------------------------------------------------------------------------- scan pass
@@ -60,12 +66,12 @@ class PrepareConfig:
 _CTX: Optional[SampleContext] = None
 
 
-def _init_scan(tokenizer: str, media_root: str, limits: MediaLimits) -> None:
+def _init_scan(tokenizer: str, media_root: str, limits: MediaLimits, fmt: str) -> None:
     global _CTX
     from megatron_eagle.tokenizer import load_tokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _CTX = SampleContext(media_root, load_tokenizer(tokenizer), limits)
+    _CTX = SampleContext(media_root, load_tokenizer(tokenizer), limits, prompt_format=fmt)
 
 
 def _scan_one(task: tuple[str, int, int, bytes]) -> tuple[int, int, Any]:
@@ -135,12 +141,12 @@ def scan(cfg: PrepareConfig, plan_path: Path) -> ScanResult:
     tmp = plan_path.with_name(plan_path.name + ".tmp")
     with open(tmp, "wb") as plan:
         if cfg.workers <= 1:
-            _init_scan(cfg.tokenizer, cfg.media_root, cfg.limits)
+            _init_scan(cfg.tokenizer, cfg.media_root, cfg.limits, cfg.prompt_format)
             results = map(_scan_one, tasks())
             pool = None
         else:
             pool = pool_context().Pool(cfg.workers, initializer=_init_scan,
-                                       initargs=(cfg.tokenizer, cfg.media_root, cfg.limits))
+                                       initargs=(cfg.tokenizer, cfg.media_root, cfg.limits, cfg.prompt_format))
             results = pool.imap(_scan_one, tasks(), chunksize=8)  # ordered: output is independent of workers
         try:
             for src_idx, line, r in results:
@@ -179,7 +185,7 @@ class PlanSource:
     inputs: list[str]
 
     def samples(self, start: int, end: int, late_rejects: list[dict[str, Any]]) -> Iterator[ShardSample]:
-        root = os.path.realpath(self.media_root)
+        root = os.path.realpath(self.media_root) if self.media_root else ""
         with open(self.plan_path, "rb") as plan:
             for i in range(start, end):
                 plan.seek(self.offsets[i])
@@ -187,7 +193,7 @@ class PlanSource:
                 try:
                     members = {"json": sample_json_bytes(sample)}
                     for m in sample["media"]:
-                        with open(resolve_media_path(root, m["path"]), "rb") as f:
+                        with open(resolve_media_path(root, m["path"], m.get("absolute", False)), "rb") as f:
                             data = f.read()
                         if len(data) != m["bytes"] or hashlib.sha256(data).hexdigest() != m["sha256"]:
                             raise SampleError("media changed during prepare", m["path"][:200])
@@ -221,8 +227,12 @@ def _check_args(cfg: PrepareConfig):
             raise PrepareError(f"--input {p}: no such file")
     if len(set(cfg.inputs)) != len(cfg.inputs):
         raise PrepareError("--input lists a file twice")
-    if not os.path.isdir(cfg.media_root):
+    if cfg.media_root and not os.path.isdir(cfg.media_root):
         raise PrepareError(f"--media-root {cfg.media_root}: not a directory")
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise PrepareError(f"--prompt-format {cfg.prompt_format!r}: use one of {list(PROMPT_FORMATS)}")
+    if not (cfg.video_fps > 0 and 1 <= cfg.min_frames <= cfg.max_frames):
+        raise PrepareError("video sampling needs fps > 0 and 1 <= min_frames <= max_frames")
     if cfg.shard_size <= 0:
         raise PrepareError("--shard-size must be positive")
     if not 0.0 <= cfg.max_reject_fraction <= 1.0:
@@ -245,7 +255,7 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Run both passes and write index, rejects and manifest (always, even when the rejected
     fraction exceeds ``max_reject_fraction``; the exit code reports that)."""
-    from megatron_eagle.data.media.prompt import frame_prefix_token_bound
+    from megatron_eagle.data.media.prompt import prompt_format, prompt_token_bounds
     from megatron_eagle.tokenizer import tokenizer_fingerprint
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -286,8 +296,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         "total_bytes": sum(d["bytes"] for d in sidecars),
         "tokenizer": {"path": cfg.tokenizer, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok)},
         "limits": cfg.limits.to_dict(),
-        "prompt": {"text_tokens": "chat template applied, media placeholders removed",
-                   "frame_prefix_tokens": frame_prefix_token_bound(tok)},
+        "prompt": {"text_tokens": "chat rendered, media placeholders removed",
+                   **prompt_format(cfg.prompt_format).to_dict(),
+                   **prompt_token_bounds(tok, cfg.prompt_format, max_frames=max(1024, cfg.max_frames))},
+        "video_sampling": ({"rule": "official", "fps": cfg.video_fps, "min_frames": cfg.min_frames,
+                            "max_frames": cfg.max_frames} if cfg.prompt_format == "eagle2.5" else None),
+        "max_dynamic_tiles": cfg.max_dynamic_tiles,
         "stats": {"images": sum(m["type"] == "image" for m in media),
                   "videos": sum(m["type"] == "video" for m in media),
                   "video_seconds": round(sum(m["end"] - m["start"] for m in media if m["type"] == "video"), 3),
@@ -319,9 +333,17 @@ def limits_from_args(a: argparse.Namespace) -> MediaLimits:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `megatron-eagle prepare`."""
-    p.add_argument("--input", nargs="+", required=True, help="Eagle-style JSONL annotation files")
-    p.add_argument("--media-root", required=True, help="directory that media paths are relative to")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="Eagle-style JSONL annotation files")
+    src.add_argument("--recipe", help="an Eagle 2.5 recipe JSON (dataset name -> root, annotation, repeat_time, "
+                                      "...): one output folder per dataset plus recipe.json")
+    p.add_argument("--media-root", help="directory that media paths are relative to (with --input)")
     p.add_argument("--output", required=True, help="output directory for shards, index and manifest")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=DEFAULT_PROMPT_FORMAT,
+                   help="prompt layout the token counts follow (default eagle2.5, the released models' layout)")
+    p.add_argument("--video-fps", type=float, default=2.0, help="eagle2.5 frame sampling: target fps (default 2)")
+    p.add_argument("--min-frames", type=int, default=8, help="eagle2.5 frame sampling: min frames (default 8)")
+    p.add_argument("--max-frames", type=int, default=128, help="eagle2.5 frame sampling: max frames (default 128)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory (for token counts)")
     p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="target shard size (default 1GiB)")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="processes")
@@ -331,11 +353,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_limit_args(p)
 
 
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> PrepareConfig:
+    """A PrepareConfig from the command line (``overrides`` for one dataset of a recipe)."""
+    kw: dict[str, Any] = dict(
+        inputs=list(args.input or []), media_root=args.media_root, output=args.output, tokenizer=args.tokenizer,
+        shard_size=args.shard_size, workers=args.workers, max_reject_fraction=args.max_reject_fraction,
+        limits=limits_from_args(args), progress=not args.no_progress and sys.stderr.isatty(),
+        prompt_format=args.prompt_format, video_fps=args.video_fps, min_frames=args.min_frames,
+        max_frames=args.max_frames)
+    kw.update(overrides)
+    return PrepareConfig(**kw)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = PrepareConfig(inputs=list(args.input), media_root=args.media_root, output=args.output,
-                        tokenizer=args.tokenizer, shard_size=args.shard_size, workers=args.workers,
-                        max_reject_fraction=args.max_reject_fraction, limits=limits_from_args(args),
-                        progress=not args.no_progress and sys.stderr.isatty())
+    """`megatron-eagle prepare --input ...` (the ``--recipe`` form is in :mod:`.recipe`)."""
+    if not args.media_root:
+        print("prepare: --media-root is required with --input", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args)
     try:
         result = prepare(cfg)
     except PrepareError as e:
