@@ -34,6 +34,24 @@ def _ours_worker(rank, world, hf_dir, ids, pixels):
     return forward_logits(model, inference_batch([(ids, pixels)], model.model_cfg.vision.image_size))
 
 
+def _on_a_free_port(fn, *args):
+    """Call ``fn`` with MASTER_PORT set to a free port (other runs on this host may hold 29500)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    old = os.environ.get("MASTER_PORT")
+    os.environ["MASTER_PORT"] = port
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            os.environ.pop("MASTER_PORT")
+        else:
+            os.environ["MASTER_PORT"] = old
+
+
 def _media(root: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
     import numpy as np
     from PIL import Image
@@ -69,7 +87,7 @@ def exported(request, tmp_path_factory):
     data = yaml.safe_load(run.read_text())
     data["model"]["llm"] = {"vocab_size": vocab}
     run.write_text(yaml.safe_dump(data))
-    r = run_single(run)
+    r = _on_a_free_port(run_single, run)
     assert r.returncode == 0, r.stderr[-3000:]
     out = root / "export"
     run_cli(["convert", "to-hf", "--ckpt", str(run_dir(run)), "--out", str(out)])
