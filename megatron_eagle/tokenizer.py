@@ -1,7 +1,10 @@
 """Tokenizer loading, Eagle special tokens, chat template, and a small local tokenizer.
 
-Any HF tokenizer directory works. ``<img>``, ``</img>`` and ``<IMG_CONTEXT>`` are added
-when missing; a tokenizer without a chat template gets Qwen2's ChatML.
+Any HF tokenizer directory works, on transformers 4.51+ and 5.x. Eagle's 11 special tokens
+(:data:`EAGLE_SPECIAL_TOKENS`, the official training order) are appended when missing, so a
+plain Qwen2.5 tokenizer gets ``<IMG_CONTEXT>`` = 151665 and a released Eagle tokenizer keeps
+its ids. A tokenizer without a chat template gets Qwen2's ChatML; every template is wrapped
+so messages may carry list content (``[{"type": "image"}, {"type": "text", "text": ...}]``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
-EAGLE_SPECIAL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
+# The official training order (Eagle2_5 eaglevl/train/constants.py): <IMG_CONTEXT> first.
+EAGLE_SPECIAL_TOKENS = [IMG_CONTEXT, IMG_START, IMG_END, "<box>", "</box>", "<quad>", "</quad>",
+                        "<ref>", "</ref>", "<interval>", "</interval>"]
 
 # Qwen2 ChatML, with a default system prompt only when the conversation has none.
 CHATML_TEMPLATE = (
@@ -44,14 +49,51 @@ def load_tokenizer(path: str | Path):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(level)
-    missing = [t for t in EAGLE_SPECIAL_TOKENS if t not in tok.get_vocab()]
+    vocab = tok.get_vocab()
+    missing = [t for t in EAGLE_SPECIAL_TOKENS if t not in vocab]
     if missing:
         add_special_tokens(tok, missing)
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML_TEMPLATE
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one is used for chat
+        template = template.get("default")
+    tok.chat_template = with_list_content(template or CHATML_TEMPLATE)
     if tok.pad_token is None:
         tok.pad_token = ENDOFTEXT if ENDOFTEXT in tok.get_vocab() else tok.eos_token
     return tok
+
+
+# Prepended to a chat template: message content given as a list of items becomes a string
+# (image/video items become <image-k>/<video-k> placeholders, numbered through the whole
+# conversation); string content is passed through untouched, so the template renders it as before.
+LIST_CONTENT_MARKER = "{#- eagle: list content -#}"
+_LIST_CONTENT_PRELUDE = LIST_CONTENT_MARKER + (
+    "{%- set eagle_ns = namespace(msgs=[], image=0, video=0, text='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string or m['content'] is none -%}"
+    "{%- set eagle_ns.msgs = eagle_ns.msgs + [m] -%}"
+    "{%- else -%}"
+    "{%- set eagle_ns.text = '' -%}"
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}"
+    "{%- set eagle_ns.image = eagle_ns.image + 1 -%}"
+    "{%- set eagle_ns.text = eagle_ns.text + '<image-' + eagle_ns.image|string + '>' -%}"
+    "{%- elif item['type'] == 'video' -%}"
+    "{%- set eagle_ns.video = eagle_ns.video + 1 -%}"
+    "{%- set eagle_ns.text = eagle_ns.text + '<video-' + eagle_ns.video|string + '>' -%}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{%- set eagle_ns.text = eagle_ns.text + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set eagle_ns.msgs = eagle_ns.msgs + [{'role': m['role'], 'content': eagle_ns.text}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = eagle_ns.msgs -%}"
+)
+
+
+def with_list_content(template: str) -> str:
+    """``template`` accepting list content as well as strings (idempotent)."""
+    return template if template.startswith(LIST_CONTENT_MARKER) else _LIST_CONTENT_PRELUDE + template
 
 
 def add_special_tokens(tok, tokens: list[str]) -> int:
@@ -104,7 +146,8 @@ def _tiny_corpus() -> Iterable[str]:
 
 
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 480) -> Path:
-    """Train a small byte-level BPE tokenizer locally (no hub) and save it as an HF dir.
+    """Train a small byte-level BPE tokenizer locally (no hub) and save it as an HF dir
+    (``vocab_size`` trained ids, then Eagle's 8 box/quad/ref/interval tags).
 
     Deterministic: the same call writes the same files. The tokenizer has ChatML
     special tokens and the Eagle image tokens, so it behaves like Qwen2's.
@@ -117,12 +160,17 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 480) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    specials = [ENDOFTEXT, IM_START, IM_END, *EAGLE_SPECIAL_TOKENS]
+    # The BPE is trained with the image tokens at ids 3, 4, 5 (<IMG_CONTEXT> = 5, the ModelConfig
+    # default); Eagle's other tags are appended after the trained vocabulary.
+    image = [IMG_START, IMG_END, IMG_CONTEXT]
+    specials = [ENDOFTEXT, IM_START, IM_END, *image]
+    tags = [t for t in EAGLE_SPECIAL_TOKENS if t not in image]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(list(_tiny_corpus()), trainer=trainer)
+    tk.add_special_tokens(tags)
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                   additional_special_tokens=[IM_START, *EAGLE_SPECIAL_TOKENS])
+                                   additional_special_tokens=[IM_START, *image, *tags])
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(out))
     return out

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig, ParallelConfig, from_dict
-from megatron_eagle.pixels import IMAGE_MEAN, IMAGE_STD
 
 
 def _model_config(meta: dict) -> ModelConfig:
@@ -41,21 +40,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def write_preprocessor_config(out: Path, cfg: ModelConfig, max_tiles: int = 12) -> None:
-    """Tiling and normalisation parameters the model was trained with (Eagle 2.5 processor keys)."""
-    proc = {
-        "processor_class": "Eagle2_5_VLProcessor", "image_processor_type": "Eagle2_5_VLImageProcessor",
-        "tile_size": cfg.vision.image_size, "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
-        "max_dynamic_tiles": max_tiles, "min_dynamic_tiles": 1, "use_thumbnail": True,
-        "tiling_method": "image_area_preservation", "tokens_per_tile": cfg.tokens_per_tile,
-        "downsample_ratio": cfg.downsample_ratio, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
-        "video_fps": 2.0, "video_frame_tiles": 1,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    """The image processor's settings (the released model's keys, our tiling and normalisation)."""
+    from megatron_eagle.convert.hf_export.config import hf_preprocessor_config
+
+    (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg, max_tiles), indent=2) + "\n")
+
+
+def check_tokenizer_fits(tokenizer_dir: str | Path, cfg: ModelConfig) -> None:
+    """The tokenizer an export ships must index the model's vocabulary and name its <IMG_CONTEXT> id."""
+    from megatron_eagle.tokenizer import load_tokenizer, special_token_ids
+
+    tok = load_tokenizer(tokenizer_dir)
+    if len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tok)} ids but the checkpoint's model.llm.vocab_size "
+                         f"is {cfg.llm.vocab_size}; pass the tokenizer the run trained with (--tokenizer)")
+    img = special_token_ids(tok)["img_context"]
+    if img != cfg.image_token_id:
+        raise ValueError(f"{tokenizer_dir}: <IMG_CONTEXT> is id {img} but the checkpoint's model.image_token_id is "
+                         f"{cfg.image_token_id}; pass the tokenizer the run trained with (--tokenizer)")
 
 
 def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
-                     max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1) -> Path:
-    """Export a training checkpoint to an HF Eagle 2.5 dir (every rank calls it)."""
+                     max_shard_size: str = "5GB", dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
+                     max_tiles: int = 12) -> Path:
+    """Export a training checkpoint to a self-contained HF Eagle 2.5 dir (every rank calls it).
+
+    Everything is written into a temporary sibling that replaces ``out_dir`` only once complete,
+    so a failure leaves no half-written directory behind.
+    """
+    import shutil
+
+    from megatron_eagle.convert.hf_export.config import DEFAULT_MAX_TILES
+    from megatron_eagle.convert.hf_export.writer import partial_dir, publish
     from megatron_eagle.convert.load import export_model_to_hf, init_process_groups
     from megatron_eagle.models.eagle import build_model
     from megatron_eagle.training.checkpoint import load_checkpoint, read_meta
@@ -63,14 +79,40 @@ def checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: Optio
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     cfg = _model_config(meta)
-    init_process_groups(tp, pp)
-    model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
-    load_checkpoint(path, [model], None, load_optimizer=False)
     tok = tokenizer_dir or meta.get("tokenizer")
-    export_model_to_hf(model, out_dir, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
-    if dist.get_rank() == 0:
-        write_preprocessor_config(Path(out_dir), cfg)
+    if tok is None:
+        raise ValueError(f"{path}/meta.json names no tokenizer: pass --tokenizer DIR")
+    check_tokenizer_fits(tok, cfg)
+    init_process_groups(tp, pp)
+    rank0 = dist.get_rank() == 0
+    tmp = partial_dir(out_dir)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     dist.barrier()
+    failed = torch.zeros(1)
+    try:
+        model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
+        load_checkpoint(path, [model], None, load_optimizer=False)
+        export_model_to_hf(model, tmp, tok, max_shard_size=max_shard_size, dtype=dtype, cfg=cfg)
+        if rank0 and max_tiles != DEFAULT_MAX_TILES:
+            write_preprocessor_config(tmp, cfg, max_tiles)
+            conf = json.loads((tmp / "config.json").read_text())
+            conf["max_dynamic_tiles"] = conf["max_dynamic_patch"] = max_tiles
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    except BaseException:
+        failed.fill_(1)
+        raise
+    finally:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(failed)
+        if rank0:
+            if failed.item():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                publish(tmp, out_dir)
+        if dist.get_world_size() > 1 and not failed.item():
+            dist.barrier()
     return Path(out_dir)
 
 

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-shard-size", default="5GB")
     r.add_argument("--dtype", default=None, help="stored dtype (default: the checkpoint's)")
     r.set_defaults(func=run_roundtrip)
-    th = sub.add_parser("to-hf", help="training checkpoint (any layout) -> HF Eagle 2.5 dir")
+    th = sub.add_parser("to-hf", help="training checkpoint (any layout) -> self-contained HF Eagle 2.5 dir")
     th.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints/iter_N, or a run dir (latest)")
     th.add_argument("--out", required=True)
     th.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one the run used)")
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     th.add_argument("--dtype", default=None, help="stored dtype (default: the checkpoint's)")
     th.add_argument("--tp", type=int, default=1)
     th.add_argument("--pp", type=int, default=1)
+    th.add_argument("--max-tiles", type=int, default=12,
+                    help="max tiles per image in config.json / preprocessor_config.json (default 12)")
     th.set_defaults(func=run_to_hf)
 
     fh = sub.add_parser("from-hf", help="HF dir(s) -> a checkpoint that `train` can start from")
@@ -82,7 +84,8 @@ def run_to_hf(args) -> int:
     _quiet_transformers()
     from megatron_eagle.convert.checkpoint_io import checkpoint_to_hf
 
-    out = checkpoint_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_size, args.dtype, args.tp, args.pp)
+    out = checkpoint_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_size, args.dtype, args.tp, args.pp,
+                           args.max_tiles)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

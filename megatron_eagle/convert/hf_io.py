@@ -179,12 +179,13 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def save_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path):
-    """Load a tokenizer dir (adding Eagle's image tokens / ChatML if missing) and save it
-    next to the weights. Returns the loaded tokenizer."""
+    """Load a tokenizer dir (adding Eagle's special tokens / ChatML if missing) and save it next to
+    the weights in a form transformers 4.51 (fast and slow) and 5.x all read. Returns the tokenizer."""
+    from megatron_eagle.convert.hf_export.tokenizer_files import write_tokenizer
     from megatron_eagle.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    tok.save_pretrained(str(out_dir))
+    write_tokenizer(tok, out_dir)
     return tok
 
 

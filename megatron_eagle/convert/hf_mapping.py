@@ -18,7 +18,7 @@ head) and the SwiGLU gate/up into ``linear_fc1`` = [gate; up].
 
 Everything works one tensor at a time: :func:`hf_sources` says which HF tensors make one
 of our tensors (import), :func:`to_hf` splits one of our tensors into HF tensors (export).
-The ``config.json`` of the HF layout is built and parsed here too.
+The ``config.json`` of the HF layout is parsed here (``hf_export.config`` writes it).
 """
 
 from __future__ import annotations
@@ -429,48 +429,3 @@ def _model_config_from_hf(d: dict, params_dtype: str) -> ModelConfig:
     select = d.get("select_layer")
     return model_config_from_parts(vision, text, d.get("downsample_ratio", 0.5), d.get("image_token_index"),
                                    params_dtype, OFFICIAL_SELECT_LAYER if select is None else int(select))
-
-
-def hf_vision_config(cfg: ModelConfig) -> dict:
-    v = cfg.vision
-    return {"model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"],
-            "hidden_size": v.hidden_size, "intermediate_size": v.ffn_hidden_size,
-            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": 3,
-            "image_size": v.image_size, "patch_size": v.patch_size, "layer_norm_eps": v.layernorm_eps,
-            "hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0, "vision_use_head": False}
-
-
-def hf_text_config(cfg: ModelConfig, eos_token_id: Optional[int] = None) -> dict:
-    l = cfg.llm
-    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-            "vocab_size": l.vocab_size, "hidden_size": l.hidden_size, "intermediate_size": l.ffn_hidden_size,
-            "num_hidden_layers": l.num_layers, "num_attention_heads": l.num_heads,
-            "num_key_value_heads": l.num_kv_heads, "hidden_act": "silu",
-            "max_position_embeddings": l.max_position_embeddings, "rms_norm_eps": l.rms_eps,
-            "rope_theta": l.rope_theta, "rope_scaling": None, "tie_word_embeddings": l.tie_embeddings,
-            "use_sliding_window": False, "sliding_window": None, "max_window_layers": l.num_layers,
-            "attention_dropout": 0.0, "eos_token_id": eos_token_id, "initializer_range": cfg.init_std}
-
-
-def hf_config(cfg: ModelConfig, dtype: str = "float32", eos_token_id: Optional[int] = None,
-              max_dynamic_tiles: int = 12) -> dict:
-    """The Eagle 2.5 ``config.json`` dict for our ModelConfig."""
-    return {
-        "architectures": ["Eagle2_5_VLForConditionalGeneration"],
-        "model_type": "eagle_2_5_vl",
-        "vision_config": hf_vision_config(cfg),
-        "text_config": hf_text_config(cfg, eos_token_id),
-        "downsample_ratio": cfg.downsample_ratio,
-        "image_token_index": cfg.image_token_id,
-        "select_layer": -1,
-        "force_image_size": cfg.vision.image_size,
-        "use_pixel_shuffle": True,
-        "mlp_connector_layers": 2,
-        "dynamic_image_size": True,
-        "use_thumbnail": True,
-        "min_dynamic_tiles": 1,
-        "max_dynamic_tiles": max_dynamic_tiles,
-        "template": "qwen2-chat",
-        "tie_word_embeddings": cfg.llm.tie_embeddings,
-        "torch_dtype": dtype,
-    }

@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
+from megatron_eagle.convert.hf_export.config import hf_config
+from megatron_eagle.convert.hf_export.writer import write_processor_files
 from megatron_eagle.convert.sharding import iter_full_parameters, load_full_parameters
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
@@ -275,16 +277,18 @@ def export_model_to_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_di
             raise RuntimeError(f"expected one writer per pipeline stage ({pp_size}), got {len(manifests)}")
         index = hf_io.finalize_shards(out, manifests)
         stored = next(iter(model.parameters())).dtype if torch_dtype is None else torch_dtype
-        eos = None
+        eos = pad = None
         if tokenizer_dir is not None:
             tok = hf_io.save_tokenizer(tokenizer_dir, out)
+            pad = tok.pad_token_id
             from megatron_eagle.tokenizer import special_token_ids
             ids = special_token_ids(tok)
             if ids["img_context"] != cfg.image_token_id:
                 raise ValueError(f"tokenizer's <IMG_CONTEXT> id {ids['img_context']} != model image_token_id "
                                  f"{cfg.image_token_id}")
             eos = ids["eos"]
-        hf_io.write_json(out / "config.json", hf_mapping.hf_config(cfg, str(stored).replace("torch.", ""), eos))
+        hf_io.write_json(out / "config.json", hf_config(cfg, str(stored).replace("torch.", ""), eos))
+        write_processor_files(out, cfg, eos, pad)  # processor, generation config, remote code
         missing = set(hf_mapping.expected_hf_names(cfg)) - set(index["weight_map"])
         if missing:
             raise RuntimeError(f"export is missing {len(missing)} tensors, e.g. {sorted(missing)[:5]}")

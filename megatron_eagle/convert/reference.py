@@ -1,57 +1,46 @@
-"""An independent Eagle 2.5 built from transformers modules, for parity checks and test weights.
+"""A transformers Eagle 2.5 for parity checks and test weights: the exported model class itself.
 
-``EagleHFReference`` is ``SiglipVisionModel`` -> InternVL pixel shuffle -> ``mlp1`` =
-``nn.Sequential(LayerNorm, Linear, GELU, Linear)`` -> ``Qwen2ForCausalLM``. Its
-``state_dict`` keys are exactly the published HF layout (``vision_model.vision_model.*``,
-``mlp1.{0,1,3}.*``, ``language_model.*``), so it can both load and *make* HF checkpoints:
-:func:`make_random_hf_checkpoint` writes a seeded random Eagle checkpoint (our stand-in
-for downloaded weights). It shares no model code with :mod:`megatron_eagle.models`.
+``EagleHFReference`` is the remote-code ``Eagle2_5_VLForConditionalGeneration`` that every
+export carries (``SiglipVisionModel`` -> InternVL pixel shuffle -> ``mlp1`` =
+``nn.Sequential(LayerNorm, Linear, GELU, Linear)`` -> ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``),
+built from our ModelConfig. Its ``state_dict`` keys are exactly the published HF layout
+(``vision_model.vision_model.*``, ``mlp1.{0,1,3}.*``, ``language_model.*``), so it can both load
+and *make* HF checkpoints: :func:`make_random_hf_checkpoint` writes a seeded random Eagle
+checkpoint (our stand-in for downloaded weights). It shares no model code with
+:mod:`megatron_eagle.models`, so parity with it checks our model and the export at once.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 from megatron_eagle.config import ModelConfig
 from megatron_eagle.convert import hf_io, hf_mapping
+from megatron_eagle.convert.hf_export import config as hf_export_config
+from megatron_eagle.convert.hf_export.remote.configuration_eagle2_5_vl import Eagle2_5_VLConfig
+from megatron_eagle.convert.hf_export.remote.modeling_eagle2_5_vl import Eagle2_5_VLForConditionalGeneration
+from megatron_eagle.convert.hf_export.remote.modeling_eagle2_5_vl import pixel_shuffle as pixel_shuffle_internvl
+from megatron_eagle.convert.hf_export.writer import write_processor_files
 
 
-def pixel_shuffle_internvl(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
-    """InternVL's view/permute pixel shuffle (ps_version v2): [n, w, h, c] -> [n, w*s, h*s, c/s²]."""
-    n, w, h, c = x.size()
-    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
-    return x.permute(0, 2, 1, 3).contiguous()
+def hf_model_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Eagle2_5_VLConfig:
+    """The exported ``config.json`` of ``cfg`` as a config object, with one attention kernel everywhere."""
+    hf = Eagle2_5_VLConfig(**{k: v for k, v in hf_export_config.hf_config(cfg).items()
+                              if k not in ("auto_map", "architectures", "model_type", "torch_dtype")})
+    for c in (hf, hf.vision_config, hf.text_config):
+        c._attn_implementation = attn_implementation
+    return hf
 
 
-class EagleHFReference(nn.Module):
-    """Eagle 2.5 from transformers' SigLIP and Qwen2 (fp32, eager attention)."""
+class EagleHFReference(Eagle2_5_VLForConditionalGeneration):
+    """The exported Eagle 2.5 model (fp32 eager attention by default) with per-sample helpers."""
 
     def __init__(self, cfg: ModelConfig, attn_implementation: str = "eager"):
-        super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-        vcfg = SiglipVisionConfig(**{k: v for k, v in hf_mapping.hf_vision_config(cfg).items()
-                                     if k not in ("model_type", "architectures")})
-        tcfg = Qwen2Config(**{k: v for k, v in hf_mapping.hf_text_config(cfg).items()
-                              if k not in ("model_type", "architectures")})
-        for c in (vcfg, tcfg):
-            c._attn_implementation = attn_implementation
+        super().__init__(hf_model_config(cfg, attn_implementation))
         self.cfg = cfg
-        # Eagle's checkpoints nest the tower once more (``vision_model.vision_model.*``: the
-        # transformers-4 SiglipVisionModel layout); transformers 5 flattened the class itself.
-        self.vision_model = nn.Module()
-        self.vision_model.vision_model = SiglipVisionModel(vcfg)
-        c = cfg.vision.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
-        h = cfg.llm.hidden_size
-        self.mlp1 = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, h), nn.GELU(), nn.Linear(h, h))
-        self.language_model = Qwen2ForCausalLM(tcfg)
 
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path, attn_implementation: str = "eager") -> "EagleHFReference":
@@ -64,31 +53,28 @@ class EagleHFReference(nn.Module):
         if set(missing) - allowed or unexpected:
             raise KeyError(f"reference load: missing {sorted(set(missing) - allowed)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
+        if cfg.llm.tie_embeddings:
+            model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
         return model.float().eval()
+
+    def _init_weights(self, module) -> None:
+        """Nothing: SigLIP and Qwen keep transformers' own init, ``mlp1`` PyTorch's (random test weights)."""
+
+    def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+        return pixel_shuffle_internvl(x, scale_factor)  # module-level, so a test can swap it
 
     # -- forward -----------------------------------------------------------------------
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] tiles -> [n * tokens_per_tile, H]."""
-        vit = self.vision_model.vision_model(pixel_values=pixel_values).last_hidden_state  # select_layer -1
-        n, p, c = vit.shape
-        g = int(math.isqrt(p))
-        vit = pixel_shuffle_internvl(vit.reshape(n, g, g, c), self.cfg.downsample_ratio)
-        vit = vit.reshape(n, -1, vit.shape[-1])
-        return self.mlp1(vit).reshape(-1, self.cfg.llm.hidden_size)
+        return self.extract_feature(pixel_values).reshape(-1, self.cfg.llm.hidden_size)
 
     def input_embeds(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
         """[L] ids (+ tiles) -> [1, L, H] with visual tokens in the <IMG_CONTEXT> slots."""
-        emb = self.language_model.get_input_embeddings()(input_ids.reshape(1, -1))
-        slots = input_ids.reshape(-1) == self.cfg.image_token_id
-        if pixel_values is not None and pixel_values.shape[0]:
-            vis = self.visual_tokens(pixel_values)
-            if vis.shape[0] != int(slots.sum()):
-                raise ValueError(f"{int(slots.sum())} <IMG_CONTEXT> tokens but {vis.shape[0]} visual tokens")
-            emb = emb.clone()
-            emb[0, slots] = vis.to(emb.dtype)
-        elif slots.any():
+        ids = input_ids.reshape(1, -1)
+        if (pixel_values is None or not pixel_values.shape[0]) and bool((ids == self.cfg.image_token_id).any()):
             raise ValueError("prompt has <IMG_CONTEXT> tokens but no pixel values")
-        return emb
+        self.config.image_token_index = self.cfg.image_token_id
+        return self.embed_inputs(ids, pixel_values)
 
     @torch.no_grad()
     def sample_logits(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -141,9 +127,10 @@ def make_random_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tokenizer_d
     for name in hf_mapping.expected_hf_names(cfg):
         writer.add(name, state[name])
     hf_io.finalize_shards(out, [writer.close()])
-    eos = None
+    eos = pad = None
     if tok is not None:
         from megatron_eagle.tokenizer import special_token_ids
-        eos = special_token_ids(tok)["eos"]
-    hf_io.write_json(out / "config.json", hf_mapping.hf_config(cfg, str(dtype).replace("torch.", ""), eos))
+        eos, pad = special_token_ids(tok)["eos"], tok.pad_token_id
+    hf_io.write_json(out / "config.json", hf_export_config.hf_config(cfg, str(dtype).replace("torch.", ""), eos))
+    write_processor_files(out, cfg, eos, pad)
     return out

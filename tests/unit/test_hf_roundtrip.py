@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_eagle.convert import hf_io, hf_mapping
+from megatron_eagle.convert.hf_export.config import hf_config
 
 
 def test_hf_config_roundtrip_and_presets():
@@ -16,10 +17,10 @@ def test_hf_config_roundtrip_and_presets():
 
     for name in ("tiny", "eagle2.5-2b", "eagle2.5-8b"):
         cfg = preset_model_config(name)
-        back = hf_mapping.model_config_from_hf(json.loads(json.dumps(hf_mapping.hf_config(cfg))))
+        back = hf_mapping.model_config_from_hf(json.loads(json.dumps(hf_config(cfg))))
         assert back.vision == cfg.vision and back.llm == cfg.llm and back.preset == name
         assert back.tokens_per_tile == cfg.tokens_per_tile
-    d = hf_mapping.hf_config(preset_model_config("tiny"))
+    d = hf_config(preset_model_config("tiny"))
     d["text_config"]["model_type"] = "llama"
     with pytest.raises(hf_mapping.HFConfigError):
         hf_mapping.model_config_from_hf(d)
