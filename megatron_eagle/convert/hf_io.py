@@ -178,13 +178,20 @@ def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path):
+def save_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path, prompt_format: str = "eagle2.5"):
     """Load a tokenizer dir (adding Eagle's special tokens / ChatML if missing) and save it next to
-    the weights in a form transformers 4.51 (fast and slow) and 5.x all read. Returns the tokenizer."""
-    from megatron_eagle.convert.hf_export.tokenizer_files import write_tokenizer
-    from megatron_eagle.tokenizer import load_tokenizer
+    the weights in a form transformers 4.51 (fast and slow) and 5.x all read. Returns the tokenizer.
+
+    Under ``eagle2.5`` the chat template written is the one training renders (Eagle's system prompt,
+    stripped turns); under ``frame-times`` training used the tokenizer's own template, which is kept."""
+    from megatron_eagle.convert.hf_export.tokenizer_files import eagle25_chat_template, write_tokenizer
+    from megatron_eagle.data.media.prompt import prompt_format as resolve_format
+    from megatron_eagle.tokenizer import load_tokenizer, with_list_content
 
     tok = load_tokenizer(tokenizer_dir)
+    fmt = resolve_format(prompt_format)
+    if fmt.chat == "chatml":
+        tok.chat_template = with_list_content(eagle25_chat_template(fmt.system_prompt))
     write_tokenizer(tok, out_dir)
     return tok
 

@@ -6,6 +6,10 @@ transformers 5 saves a ``tokenizer_config.json`` that 4.51 cannot read (``Tokeni
 classic layout from the tokenizer's ``tokenizer.json``: ``vocab.json`` + ``merges.txt`` for a
 byte-level BPE, ``added_tokens_decoder`` and ``additional_special_tokens`` in the config, the
 chat template inside ``tokenizer_config.json``, ``special_tokens_map.json`` and ``added_tokens.json``.
+
+:func:`eagle25_chat_template` is the chat template an ``eagle2.5``-trained model is exported with: it
+renders what training renders (``data/media/prompt.py: render_chatml``), so a prompt built at inference
+matches the one the model was trained on token for token.
 """
 
 from __future__ import annotations
@@ -13,6 +17,25 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+
+
+def eagle25_chat_template(system_prompt: str) -> str:
+    """ChatML as ``eagle2.5`` training renders it: ``system_prompt`` when the conversation does not
+    open with a system turn, every other turn's content stripped (a system turn is kept as written),
+    ``<|im_start|>assistant\\n`` as the generation prompt (``system_prompt`` "": none)."""
+    default = ""
+    if system_prompt:
+        text = json.dumps(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")  # a valid Jinja string literal
+        default = ("{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}{{- " + text
+                   + " -}}{%- endif -%}")
+    return default + (
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] if message['role'] == 'system' else message['content'] | trim -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
 
 # tokenizer classes whose slow implementation reads vocab.json + merges.txt with Qwen's pre-tokenizer
 QWEN_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
