@@ -66,7 +66,7 @@ def test_recompute_and_offload_and_parallelism_save_memory():
 
 
 # (L, tiles of the largest pack, recompute vision, llm, measured peak GiB) on one H200/H100, eagle2.5-2b,
-# benchmarks/train_throughput.py (BENCHMARKS.md; the table)
+# benchmarks/train_throughput.py (BENCHMARKS.md, hf-strong comparison rows)
 MEASURED = [(8192, 27, "none", "none", 74.9), (32768, 116, "full", "full", 48.5), (65536, 232, "full", "full", 63.1),
             (32768, 116, "full", "selective", 109.0)]
 
