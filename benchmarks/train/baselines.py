@@ -20,27 +20,39 @@ from benchmarks.train.timing import Marks, instrument
 from benchmarks.train.variants import Variant
 
 
+
+def build_reference(cfg, device: torch.device, grad_ckpt: bool, attention_hook=None):
+    """The transformers reference model in the config's dtype on ``device``, in train mode.
+
+    ``attention_hook(ref)`` runs before the model moves to the device and before gradient
+    checkpointing is enabled (hf-strong switches the LLM's attention implementation there).
+    """
+    from megatron_eagle.convert.reference import EagleHFReference
+
+    dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ref = EagleHFReference(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(old)
+    if attention_hook is not None:
+        attention_hook(ref)
+    ref.to(device=device, dtype=dtype).train()
+    if grad_ckpt:
+        kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        ref.language_model.gradient_checkpointing_enable(**kw)
+        ref.vision_model.vision_model.gradient_checkpointing_enable(**kw)
+    return ref
+
+
 class HFSide:
     """The baseline model, its optimizer and the phase hooks; ``step`` trains one group of packs."""
 
     def __init__(self, cfg, v: Variant, device: torch.device):
-        from megatron_eagle.convert.reference import EagleHFReference
-
         self.device, self.v, self.cfg = device, v, cfg
-        dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                ref = EagleHFReference(cfg, attn_implementation="sdpa")
-        finally:
-            torch.set_default_dtype(old)
-        ref.to(device=device, dtype=dtype).train()
-        if v.grad_ckpt:
-            kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            ref.language_model.gradient_checkpointing_enable(**kw)
-            ref.vision_model.vision_model.gradient_checkpointing_enable(**kw)
-        self.ref = ref
+        self.ref = ref = build_reference(cfg, device, grad_ckpt=v.grad_ckpt)
         self.params = [p for p in ref.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.train.baselines import build_reference
 from benchmarks.train.packs import IGNORE, Pack
 from benchmarks.train.timing import Marks, instrument
 from benchmarks.train.variants import Variant
@@ -103,29 +104,17 @@ class HFStrongSide:
     """hf-strong's model, optimizer (bf16 Adam or fp32 master) and phase hooks."""
 
     def __init__(self, cfg, v: Variant, device: torch.device):
-        from megatron_eagle.convert.reference import EagleHFReference
-
         self.device, self.v, self.cfg = device, v, cfg
         cuda = device.type == "cuda"
-        dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
         _register_attention()
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                ref = EagleHFReference(cfg, attn_implementation="sdpa")
-        finally:
-            torch.set_default_dtype(old)
-        ref.language_model.config._attn_implementation = ATTN_NAME
-        ref.language_model.model.config._attn_implementation = ATTN_NAME
-        ref.to(device=device, dtype=dtype).train()
+
+        def varlen_attention(ref) -> None:
+            ref.language_model.config._attn_implementation = ATTN_NAME
+            ref.language_model.model.config._attn_implementation = ATTN_NAME
+
+        self.ref = ref = build_reference(cfg, device, grad_ckpt=v.grad_ckpt, attention_hook=varlen_attention)
         self.liger = _apply_liger(ref.language_model) if cuda else False
         self.flce = _liger_flce() if (v.fused_linear_ce and cuda) else None
-        if v.grad_ckpt:
-            kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            ref.language_model.gradient_checkpointing_enable(**kw)
-            ref.vision_model.vision_model.gradient_checkpointing_enable(**kw)
-        self.ref = ref
         self.params = [p for p in ref.parameters() if p.requires_grad]
         if v.master_fp32:  # fp32 master weights; the optimizer (and its state) lives on them
             self.master = [p.detach().float().clone() for p in self.params]
