@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean lint
+.PHONY: demo test test-fast venv clean
 
 venv: $(STAMP)
 

@@ -51,32 +51,39 @@ def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
     return {k: r.get(k) for k in r.stored_names()}
 
 
-@functools.lru_cache(maxsize=None)
-def separate_dirs(tied: bool = False) -> tuple[Path, Path]:
-    """The tiny checkpoint split like the usual stage-1 start: a full ``SiglipModel`` dir
-    (vision keys ``vision_model.*`` plus a text tower we must ignore) and a Qwen2 dir."""
+def split_eagle_dir(src: Path, vis: Path, llm: Path, siglip_text_tower: bool = False) -> tuple[Path, Path]:
+    """An Eagle HF dir split like the usual stage-1 start: a ``SiglipModel``-style dir (vision keys
+    ``vision_model.*``; with ``siglip_text_tower`` also a text tower the import must ignore) and a
+    plain Qwen2/Qwen3 dir with the tokenizer files."""
     from safetensors.torch import save_file
 
-    src = tiny_checkpoint(tied)
     cfg = json.loads((src / "config.json").read_text())
     tensors = read_all(src)
-    vis, llm = root() / f"siglip_tied{int(tied)}", root() / f"qwen2_tied{int(tied)}"
     vis.mkdir(exist_ok=True)
     llm.mkdir(exist_ok=True)
-    v = {"vision_model." + k[len("vision_model.vision_model."):]: t for k, t in tensors.items()
-         if k.startswith("vision_model.vision_model.")}
-    v["text_model.embeddings.token_embedding.weight"] = torch.zeros(7, 4)
-    v["logit_scale"] = torch.zeros(1)
+    eagle = "vision_model.vision_model."
+    v = {"vision_model." + k[len(eagle):]: t for k, t in tensors.items() if k.startswith(eagle)}
+    vis_cfg = {"model_type": "siglip", "vision_config": cfg["vision_config"]}
+    if siglip_text_tower:
+        v["text_model.embeddings.token_embedding.weight"] = torch.zeros(7, 4)
+        v["logit_scale"] = torch.zeros(1)
+        vis_cfg["text_config"] = {"model_type": "siglip_text_model"}
     save_file(v, str(vis / "model.safetensors"))
-    (vis / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": cfg["vision_config"],
-                                                 "text_config": {"model_type": "siglip_text_model"}}))
+    (vis / "config.json").write_text(json.dumps(vis_cfg))
     q = {k[len("language_model."):]: t for k, t in tensors.items() if k.startswith("language_model.")}
     save_file(q, str(llm / "model.safetensors"))
     (llm / "config.json").write_text(json.dumps(cfg["text_config"]))
     for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges", "added_tokens")):
             shutil.copy(f, llm / f.name)
     return vis, llm
+
+
+@functools.lru_cache(maxsize=None)
+def separate_dirs(tied: bool = False) -> tuple[Path, Path]:
+    """The tiny checkpoint split into a full ``SiglipModel`` dir and a Qwen2 dir."""
+    return split_eagle_dir(tiny_checkpoint(tied), root() / f"siglip_tied{int(tied)}",
+                           root() / f"qwen2_tied{int(tied)}", siglip_text_tower=True)
 
 
 def _layout_worker(rank, world, hf_dir, out_dir, tp, pp, separate):

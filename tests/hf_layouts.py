@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from tests.hf_fixtures import root, tokenizer_dir
+from tests.hf_fixtures import root, split_eagle_dir, tokenizer_dir
 
 
 def eagle_config(cfg, write_select_layer: bool = True, dtype: str = "float32") -> dict:
@@ -111,28 +111,7 @@ def layout_checkpoint(layout: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def split_checkpoint(layout: str) -> tuple[Path, Path]:
-    """The layout's checkpoint as a stage-1 start: a ``SiglipModel``-style dir (vision keys
-    ``vision_model.*``, config with a ``vision_config``) and a plain Qwen2/Qwen3 dir with the tokenizer."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from tests.hf_fixtures import read_all
-
-    src = layout_checkpoint(layout)
-    cfg = json.loads((src / "config.json").read_text())
-    tensors = read_all(src)
-    vis, llm = root() / f"split_{layout}_vision", root() / f"split_{layout}_llm"
-    vis.mkdir(exist_ok=True)
-    llm.mkdir(exist_ok=True)
-    eagle = "vision_model.vision_model."
-    save_file({"vision_model." + k[len(eagle):]: t for k, t in tensors.items() if k.startswith(eagle)},
-              str(vis / "model.safetensors"))
-    (vis / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": cfg["vision_config"]}))
-    save_file({k[len("language_model."):]: t for k, t in tensors.items() if k.startswith("language_model.")},
-              str(llm / "model.safetensors"))
-    (llm / "config.json").write_text(json.dumps(cfg["text_config"]))
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges", "added_tokens")):
-            shutil.copy(f, llm / f.name)
-    return vis, llm
+    """The layout's checkpoint as a stage-1 start: a ``SiglipModel``-style dir and a plain
+    Qwen2/Qwen3 dir with the tokenizer."""
+    return split_eagle_dir(layout_checkpoint(layout), root() / f"split_{layout}_vision",
+                           root() / f"split_{layout}_llm")

@@ -66,23 +66,8 @@ class MemoryEstimate:
 def _llm_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(query width, key/value width, head dim) of the LLM's attention."""
     l = cfg.llm
-    d = getattr(l, "head_dim", None) or l.hidden_size // l.num_heads
+    d = l.kv_channels
     return l.num_heads * d, l.num_kv_heads * d, d
-
-
-def _vit_layers(cfg: ModelConfig) -> int:
-    """ViT layers built: those up to ``select_layer`` where the config has it."""
-    return int(getattr(cfg.vision, "layers_used", cfg.vision.num_layers))
-
-
-def vocab_rows(cfg: ModelConfig, tp: int) -> int:
-    """Rows of the embedding/output layer: the vocabulary padded as the model pads it
-    (``LLMConfig.padded_vocab_size`` where the config has it), else so that TP divides it."""
-    padded = getattr(cfg.llm, "padded_vocab_size", None)
-    if callable(padded):
-        return int(padded(tp))
-    v = cfg.llm.vocab_size
-    return -(-v // tp) * tp
 
 
 def param_counts(cfg: ModelConfig, parallel: ParallelConfig = ParallelConfig()) -> dict[str, int]:
@@ -92,17 +77,17 @@ def param_counts(cfg: ModelConfig, parallel: ParallelConfig = ParallelConfig()) 
     v, l = cfg.vision, cfg.llm
     h, f = v.hidden_size, v.ffn_hidden_size
     vit_layer = (2 * h) * 2 + (3 * h * h + 3 * h + h * f + f + f * h) // tp + h * h // tp + h + h
-    post_ln = 2 * h if getattr(v, "post_layernorm", True) else 0  # only after the last layer (select_layer -1)
-    vision = 3 * v.patch_size ** 2 * h + h + v.patches_per_side ** 2 * h + _vit_layers(cfg) * vit_layer + post_ln
+    post_ln = 2 * h if v.post_layernorm else 0  # only after the last layer (select_layer -1)
+    vision = 3 * v.patch_size ** 2 * h + h + v.patches_per_side ** 2 * h + v.layers_used * vit_layer + post_ln
     c = h * int(round(1 / cfg.downsample_ratio)) ** 2
     H = l.hidden_size
     connector = 2 * c + (c * H + H) // tp + H * H // tp + H
     qw, kvw, d = _llm_dims(cfg)
     qkv = H * (qw + 2 * kvw) + ((qw + 2 * kvw) if l.qkv_bias else 0)
-    llm_layer = (2 * H + (2 * d if getattr(l, "qk_layernorm", False) else 0)
+    llm_layer = (2 * H + (2 * d if l.qk_layernorm else 0)
                  + (qkv + qw * H + H * 2 * l.ffn_hidden_size + l.ffn_hidden_size * H) // tp)
     layers = -(-l.num_layers // parallel.pp)
-    rows = vocab_rows(cfg, tp) // tp
+    rows = l.padded_vocab_size(tp) // tp
     llm = rows * H + layers * llm_layer + H + (0 if l.tie_embeddings and parallel.pp == 1 else rows * H)
     return dict(vision=vision, connector=connector, llm=llm)
 
@@ -115,10 +100,10 @@ def static_bytes(cfg: ModelConfig, parallel: ParallelConfig, optim, dp: int = 1)
     total = sum(counts.values())
     bf16 = cfg.params_dtype == "bfloat16"
     p_bytes = 2 if bf16 else 4
-    g_bytes = 4 if getattr(optim, "grad_reduce_in_fp32", True) else p_bytes
+    g_bytes = 4 if optim.grad_reduce_in_fp32 else p_bytes
     # fp32 master weights (bf16 params only) + exp_avg + exp_avg_sq, sharded over the DP x CP group
     o_bytes = (4 if bf16 else 0) + 8
-    shards = dp * parallel.cp if getattr(optim, "use_distributed_optimizer", True) else 1
+    shards = dp * parallel.cp if optim.use_distributed_optimizer else 1
     return {"params": total * p_bytes, "grads": trainable * g_bytes, "optimizer": trainable * o_bytes / shards}
 
 
@@ -149,7 +134,7 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, ti
     (default: the most a pack can hold, every token visual). Recompute choices default to the
     config's; ``auto`` there must be resolved first (:func:`resolve_recompute`).
     ``llm_recompute_layers``: with full LLM recompute, only this many layers are recomputed."""
-    offload_vit = offload_vit or getattr(cfg, "offload_vision", False)
+    offload_vit = offload_vit or cfg.offload_vision
     rv = recompute_vision or cfg.recompute_vision
     rl = recompute_llm or cfg.recompute_llm
     if "auto" in (rv, rl):
@@ -171,7 +156,7 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, ti
     c = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
     visual = tiles * tpt / cp
     connector = (2 * c + 2 * l.hidden_size) * act_dtype * visual / parallel.tp
-    vit_saved = _vit_layers(cfg) * (vit_input if rv == "full" else vit_layer)
+    vit_saved = v.layers_used * (vit_input if rv == "full" else vit_layer)
     if offload_vit:
         vit_saved, pixels = 0.0, 0.0
     terms["activations:vit"] = vit_saved + pixels + connector
@@ -183,7 +168,7 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, optim, seq_len: int, ti
     n_rc = (min(layers, llm_recompute_layers) if llm_recompute_layers else layers) if rl == "full" else 0
     terms["activations:llm"] = n_rc * llm_input + (layers - n_rc) * llm_layer + 3 * llm_input
 
-    rows = vocab_rows(cfg, parallel.tp) / parallel.tp
+    rows = l.padded_vocab_size(parallel.tp) / parallel.tp
     loss_chunk = min(chunk_tokens, tokens) * rows * (act_dtype + 4 + 4)  # logits, fp32 softmax, its grad
     # one layer's backward: its saved tensors (recomputed ones on top of the layer inputs) and the
     # gradients flowing through it; RECOMPUTE_WORK was fitted to measured peaks (docs/performance.md)
@@ -232,8 +217,7 @@ def device_capacity() -> Optional[float]:
 
     if not torch.cuda.is_available():
         return None
-    free, total = torch.cuda.mem_get_info()
-    return float(total)
+    return float(torch.cuda.mem_get_info()[1])
 
 
 H100_80GB = 79.18 * GIB  # what torch may allocate on an H100 80GB

@@ -88,10 +88,24 @@ def offload_vision_activations(model: EagleModel) -> None:
     vit.forward = offloaded
 
 
-def cap_exceeded(est: MemoryEstimate) -> bool:
-    """Whether the prediction exceeds the whole GPU (refused before step 1)."""
-    cap = device_capacity()
-    return cap is not None and est.total > cap
+def check_prediction_fits(est: MemoryEstimate, capacity: float, explicit: bool) -> None:
+    """Refuse (before step 1) a prediction over the GPU's ``capacity`` bytes; an explicit recompute
+    setting whose static state fits only warns (the prediction assumes every token visual)."""
+    if est.total <= capacity:
+        return
+    gib = 2 ** 30
+    if explicit and est.static <= capacity:
+        log.warning("the memory model predicts %.1f GiB per rank for vision=%s llm=%s, more than this GPU has; "
+                    "`megatron-eagle train --dry-run` prints the breakdown", est.total / gib,
+                    est.recompute_vision, est.recompute_llm)
+        return
+    raise ConfigError("model.recompute_vision/recompute_llm",
+                      f"the memory model predicts {est.total / gib:.1f} GiB per rank even with vision="
+                      f"{est.recompute_vision}, llm={est.recompute_llm} (static {est.static / gib:.1f} GiB), "
+                      f"more than this GPU's {capacity / gib:.1f} GiB",
+                      "shard the optimizer state over more data-parallel ranks, use tensor parallelism "
+                      "(parallel.tp) or context parallelism (parallel.cp), or shorten seq_len; "
+                      "`megatron-eagle train --dry-run` prints the breakdown")
 
 
 def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
@@ -108,21 +122,11 @@ def build_training_state(model_cfg: ModelConfig, parallel: ParallelConfig, optim
     from megatron.core import parallel_state as ps
 
     auto = "auto" in (model_cfg.recompute_vision, model_cfg.recompute_llm)
-    model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len,
+    capacity = device_capacity()
+    model_cfg, est = resolve_model_recompute(model_cfg, parallel, optim, seq_len, capacity=capacity,
                                              dp=ps.get_data_parallel_world_size(), chunk_tokens=chunk_tokens)
-    if est is not None and cap_exceeded(est) and not auto and est.static <= device_capacity():
-        # an explicit setting is the user's call (the prediction assumes every token visual)
-        log.warning("the memory model predicts %.1f GiB per rank for vision=%s llm=%s, more than this GPU has; "
-                    "`megatron-eagle train --dry-run` prints the breakdown", est.total / 2 ** 30,
-                    est.recompute_vision, est.recompute_llm)
-    elif est is not None and cap_exceeded(est):
-        raise ConfigError("model.recompute_vision/recompute_llm",
-                          f"the memory model predicts {est.total / 2 ** 30:.1f} GiB per rank even with vision="
-                          f"{est.recompute_vision}, llm={est.recompute_llm} (static {est.static / 2 ** 30:.1f} GiB), "
-                          f"more than this GPU's {device_capacity() / 2 ** 30:.1f} GiB",
-                          "shard the optimizer state over more data-parallel ranks, use tensor parallelism "
-                          "(parallel.tp) or context parallelism (parallel.cp), or shorten seq_len; "
-                          "`megatron-eagle train --dry-run` prints the breakdown")
+    if est is not None and capacity is not None:
+        check_prediction_fits(est, capacity, explicit=not auto)
     if auto and est is not None:
         log.info("recompute auto -> vision %s, llm %s (predicted peak %.1f GiB)", model_cfg.recompute_vision,
                  model_cfg.recompute_llm, est.total / 2 ** 30)
