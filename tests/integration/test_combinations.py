@@ -4,8 +4,9 @@ Tiny preset on 2 gloo processes, one spawn for the whole matrix: recompute (none
 full, ViT and LLM) x ViT activation offload x overlapped gradient reduction x micro-batches (1, 2)
 x layout (DP 2; CP 2 with each CP variant). megatron's overlapped reduce-scatter is forced on
 here (the trainer turns it on only on GPUs) together with the weight-gradient fusion the GPUs
-run, so that the GPU's hook path is the one tested (ViT offload with both used to fail at
-step 1: ``param.grad being None is not safe when overlap_grad_reduce is True``). A combination either finishes its step with
+run, so that the GPU's hook path is the one tested (ViT offload with both fails at step 1 with
+``param.grad being None is not safe when overlap_grad_reduce is True`` unless the offloaded ViT's
+weight gradients are written unfused). A combination either finishes its step with
 a finite loss, or ``build_training_state`` refuses it with a ConfigError that names the field
 and the fix. On the CP variants other than allgather, a covering subset runs (the recompute,
 offload and overlap paths do not depend on the variant's attention).
